@@ -1,0 +1,1 @@
+"""Timeline storage: the store contract and its backends."""
