@@ -60,6 +60,10 @@ class Subscription:
             raise StopAsyncIteration
         return item
 
+    def pending(self) -> int:
+        """Items queued and not yet read."""
+        return self._queue.qsize()
+
     def __aiter__(self) -> AsyncIterator[BusItem]:
         return self
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import structlog
 
 from hub.bus import Bus
@@ -24,6 +26,10 @@ class Ingestor:
         self._bus = bus
 
     async def ingest(self, inbound: Inbound) -> Recorded:
+        if not inbound.routable and inbound.data.get("routable") is not False:
+            # The router reads this off the stored event: auto-replies and bounces are
+            # kept on the timeline but never handed to an agent.
+            inbound = replace(inbound, data={**inbound.data, "routable": False})
         recorded = await self._store.record_inbound(inbound)
         event = recorded.event
         if recorded.created:

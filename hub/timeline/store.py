@@ -6,6 +6,9 @@ here are the contract; where a docstring says "must", the suite checks it.
 Durability: every write method returns only after its data is durable at the backend's
 configured level (SQLite: committed in WAL with synchronous=FULL; Redis: acknowledged
 by the server, whose own fsync policy then applies).
+
+Values read back equal the values a write returned: datetimes are tz-aware UTC and exact
+to the microsecond, event data and attachments round-trip as JSON, ids are the store's.
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ class TimelineStore(Protocol):
         2. Identity: the customer owning `inbound.identity` (following merges); when none,
            a new customer with that identity and `display_name` (or the identity value).
            An unverified identity never resolves to an existing customer's verified one;
-           it only finds a customer it was itself recorded on.
+           it only finds a customer it was itself recorded on (unverified; the earliest
+           such customer when several recorded the same claim).
         3. Threading: a conversation of *this customer* registered under one of
            `thread_refs` wins if it is active, or if the customer has no active one
-           (then it is reopened: status event, author system). Otherwise the customer's
+           (then it is reopened: status event, author system; when refs point at several
+           resolved conversations, the most recently active one). Otherwise the customer's
            active conversation (pending/snoozed go back to open, with a status event);
            otherwise a new open conversation. `thread_key`, if set, is registered for
            the chosen conversation, scoped to this customer.
@@ -102,15 +107,29 @@ class TimelineStore(Protocol):
         """The customer as stored, merged_into set when it was merged away."""
 
     async def find_customer(self, identity: Identity) -> Customer | None:
-        """The live customer owning this identity (merges followed), or None."""
+        """The live customer owning this identity (merges followed), or None.
+
+        An unverified identity finds only a customer it was recorded on unverified,
+        never the customer who holds the same (kind, value) verified.
+        """
 
     async def create_customer(
         self, display_name: str, identities: tuple[Identity, ...] = (), tags: tuple[str, ...] = ()
     ) -> Customer:
-        """A new customer; IdentityConflict if any identity is already someone's."""
+        """A new customer; IdentityConflict if any verified identity is already someone's.
+
+        Unverified identities (claims) never conflict: several customers may hold the same
+        claim, and a claim never collides with the verified owner of that identity.
+        """
 
     async def link_identity(self, customer_id: str, identity: Identity) -> Customer:
-        """Add an identity. Idempotent for the same customer; IdentityConflict for another."""
+        """Add an identity. Idempotent for the same customer; IdentityConflict for another.
+
+        Conflicts concern verified identities only (see create_customer). Linking the
+        verified form of a claim the customer holds lists the identity once, verified.
+        NotFound for an unknown customer; InvalidOperation for one merged away (link to
+        the customer it was merged into).
+        """
 
     async def set_customer_tags(self, customer_id: str, tags: tuple[str, ...]) -> Customer: ...
 
@@ -123,14 +142,23 @@ class TimelineStore(Protocol):
         status event with data {"reason": "merge"}). A MERGE event (conversation None,
         data {"source": source_id, "target": target_id}) records who did it and when.
         Merging again is a no-op returning the existing MERGE event with created=False.
-        Merging a customer into itself, or into one merged away, is InvalidOperation.
+        Merging a customer into itself, or into one merged away, or a source already
+        merged into a different customer, is InvalidOperation; NotFound for unknown ids.
+        The Recorded: event is the MERGE event, customer is the target after the merge,
+        conversation is None, side_events holds the resolve status event (if any).
         """
 
     async def unmerge_customers(self, source_id: str, actor: str) -> Recorded:
         """Undo the merge of `source`: its identities and conversations go back to it.
 
-        Events follow their conversation. A MERGE event with data {"undo": true,...} is
-        appended to target's timeline. InvalidOperation if source is not merged.
+        Events follow their conversation (also ones appended while merged); customer-level
+        events (earlier MERGE events) go back too. A MERGE event with data {"undo": true,
+        "source": source_id, "target": target_id} is appended to target's timeline, and is
+        the returned event; Recorded.customer is that target, conversation None.
+        InvalidOperation if source is not merged (so a second unmerge is refused).
+        Nested merges (A into B, then B into C) can be undone in either order: each unmerge
+        takes back only what is still with the target, never what an earlier unmerge
+        already returned to its own customer.
         """
 
     # --- conversations ---------------------------------------------------------------
@@ -138,12 +166,23 @@ class TimelineStore(Protocol):
     async def get_conversation(self, conversation_id: str) -> Conversation | None: ...
 
     async def active_conversation(self, customer_id: str) -> Conversation | None:
-        """The customer's one active (not resolved) conversation, if any."""
+        """The customer's one active (not resolved) conversation, if any.
+
+        None for a customer merged away: its conversations belong to the target now.
+        """
 
     async def list_conversations(
         self, query: ConversationQuery, limit: int = 50, before: str | None = None
     ) -> Page[Conversation]:
-        """Matching conversations, most recent activity first, cursor-paged."""
+        """Matching conversations, most recent activity first, cursor-paged, `total` set.
+
+        Ties on last_activity_at are ordered by id, newest first. last_activity_at moves
+        with content (messages, notes, calls, voicemails: inbound or appended), never
+        backwards, and not with status or assignment changes, so that triage does not
+        reshuffle the inbox. `unassigned` and `assignee` both set match nothing.
+        A cursor the store did not make, or limit < 1, is InvalidOperation (this holds
+        for every paged method).
+        """
 
     async def set_status(
         self,
@@ -155,9 +194,12 @@ class TimelineStore(Protocol):
         """Change status, appending a STATUS event {"from", "to"[, "until"]}.
 
         Setting the current status changes nothing: created=False, and `event` is the
-        conversation's newest event.
+        conversation's newest event. (Snoozing a snoozed conversation with a different
+        `snoozed_until` is a change.) "until" is ISO 8601 UTC text; snoozed_until is
+        ignored for other statuses and cleared when leaving SNOOZED.
         Reopening a resolved conversation while the customer has another active one is
         InvalidOperation. Resolving sets resolved_at; reopening clears it.
+        NotFound for an unknown conversation (this holds for every conversation method).
         """
 
     async def assign(
@@ -168,7 +210,11 @@ class TimelineStore(Protocol):
         queue: str | None = None,
     ) -> Recorded:
         """Set assignee (None: unassign) and optionally the queue, with an ASSIGNMENT event
-        {"from": old, "to": new, "queue": queue}."""
+        {"from": old, "to": new, "queue": queue}. `queue` None keeps the current queue.
+
+        Like set_status, a call that changes nothing (same assignee, same or no queue)
+        appends nothing: created=False, `event` is the conversation's newest event.
+        """
 
     async def set_conversation_tags(
         self, conversation_id: str, tags: tuple[str, ...]
@@ -179,8 +225,10 @@ class TimelineStore(Protocol):
 
         An outbound MESSAGE sets first_response_at once. A draft with an external_id is
         idempotent on (draft.channel, external_id) like record_inbound. A draft with
-        delivery_state QUEUED enters the outbox in the same atomic write. A draft with a
-        thread_key registers it for this conversation and customer.
+        delivery_state QUEUED enters the outbox in the same atomic write (due at once). A
+        draft with a thread_key registers it for this conversation and customer.
+        Appending never changes the conversation's status (a note on a resolved one keeps
+        it resolved); the event's customer is the conversation's customer.
         """
 
     # --- timeline --------------------------------------------------------------------
@@ -214,7 +262,13 @@ class TimelineStore(Protocol):
         self, now: datetime, limit: int, lease: timedelta
     ) -> list[OutboxItem]:
         """Queued outbound events due at `now`, oldest first, each leased until now+lease
-        so a concurrent claimer skips them; a crashed sender's lease simply expires."""
+        so a concurrent claimer skips them; a crashed sender's lease simply expires.
+
+        "Oldest" is by due time, then event id. A claim counts as an attempt: the
+        stored count grows by one (OutboxItem.attempts is the count before it), so a
+        message that crashes its sender every time still runs out of attempts; an
+        `attempts` given to record_delivery replaces the stored count.
+        """
 
     async def record_delivery(
         self,
@@ -227,9 +281,14 @@ class TimelineStore(Protocol):
         attempts: int | None = None,
     ) -> Event:
         """Update an outbound event's delivery. `retry_at` with state QUEUED schedules a
-        retry; any other state leaves the outbox. A final state (delivered, undelivered,
-        failed) is never overwritten by a non-final one (callbacks arrive out of order).
-        `provider_id` is stored as the event's external_id for status callbacks."""
+        retry (QUEUED without retry_at: due at once); any other state leaves the outbox.
+        A final state (delivered, undelivered, failed) is never overwritten by a non-final
+        one (callbacks arrive out of order): such a call keeps state and error, but still
+        stores a new provider_id. `error` replaces the stored error (None clears it).
+        `provider_id` is stored as the event's external_id for status callbacks.
+        NotFound for an unknown event; InvalidOperation for an event without a delivery
+        state (not an outbound message), or a provider_id another event of the same
+        channel already has. Returns the event after the update."""
 
     # --- small durable state for channels (IMAP positions, leases' owners...) --------
 
