@@ -145,8 +145,11 @@ class OutboxWorker:
                     attempts=attempts,
                 )
         else:
-            bound.info("outbox.sent", state=result.state.value, provider_id=result.provider_id)
+            # A provider that "queued" the message has accepted it: for us it has left.
+            # Recording QUEUED would put it back in the outbox and send it twice.
+            state = DeliveryState.SENT if result.state is DeliveryState.QUEUED else result.state
+            bound.info("outbox.sent", state=state.value, provider_id=result.provider_id)
             updated = await self._store.record_delivery(
-                event.id, result.state, provider_id=result.provider_id, attempts=attempts
+                event.id, state, provider_id=result.provider_id, attempts=attempts
             )
         await self._bus.publish([updated])

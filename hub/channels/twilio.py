@@ -1,0 +1,193 @@
+"""What the SMS and voice adapters share about Twilio: webhook signatures and the REST client.
+
+Signatures: Twilio signs each webhook with HMAC-SHA1 (auth token as key) over the URL it
+requested (with its query string) followed by every POST parameter, sorted by name, as
+name+value. Behind a proxy or on another port the URL this process sees is not the one
+Twilio requested, so the URL is rebuilt from the configured public URL (the one pasted
+into Twilio's console) plus the path and query this request carries.
+
+REST: the official client with its asyncio HTTP client. Its API domains are hard-wired to
+https://*.twilio.com; `api_base_url` rewrites every request's origin so tests (and
+anyone running a Twilio-compatible gateway) point it somewhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+from hub.channels.base import PermanentSendError, TemporarySendError
+
+log = structlog.get_logger(__name__)
+
+SIGNATURE_HEADER = "X-Twilio-Signature"
+TWIML_CONTENT_TYPE = "text/xml"
+FORM_CONTENT_TYPES = ("application/x-www-form-urlencoded", "")
+# Long enough for Twilio on a bad day, short enough that a dead link frees the outbox lease.
+DEFAULT_TIMEOUT_SECONDS = 15.0
+
+# Messages Twilio sends without an ErrorMessage; the agent sees "code: text".
+ERROR_TEXTS: Mapping[str, str] = {
+    "21211": "Invalid 'To' phone number",
+    "21408": "Permission to send an SMS has not been enabled for the region",
+    "21610": "Attempt to send to unsubscribed recipient",
+    "21612": "The 'To' phone number is not currently reachable via SMS",
+    "21614": "'To' number is not a valid mobile number",
+    "30001": "Queue overflow",
+    "30002": "Account suspended",
+    "30003": "Unreachable destination handset",
+    "30004": "Message blocked",
+    "30005": "Unknown destination handset",
+    "30006": "Landline or unreachable carrier",
+    "30007": "Message filtered by the carrier",
+    "30008": "Unknown error",
+    "30010": "Message price exceeds max price",
+}
+
+
+def describe_error(code: str | int | None, message: str | None = None) -> str | None:
+    """`"30005: Unknown destination handset"`, or None when there is no error."""
+    if code in (None, "", 0, "0"):
+        return message or None
+    text = message or ERROR_TEXTS.get(str(code), "see https://www.twilio.com/docs/errors")
+    return f"{code}: {text}"
+
+
+class WebhookVerifier:
+    """Checks X-Twilio-Signature against the URL Twilio was told to call."""
+
+    def __init__(self, auth_token: str, public_url: str) -> None:
+        self._validator = RequestValidator(auth_token)
+        parts = urlsplit(public_url)
+        # Keep scheme, host, port and any path prefix the proxy strips before us.
+        self._origin = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    def url_for(self, request: web.Request) -> str:
+        """The URL Twilio signed: public origin + this request's raw path and query."""
+        return self._origin + request.raw_path
+
+    def public(self, path: str) -> str:
+        """An absolute public URL for one of our routes (callbacks, TwiML actions)."""
+        return self._origin + path
+
+    async def verified_form(self, request: web.Request) -> MultiDictProxy[str]:
+        """The POSTed form if the signature is right; 403 (before anything is stored) if not.
+
+        Form parsing stays under the app's client_max_size, so a huge body is a 413.
+        """
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        if not signature:
+            log.warning("twilio.signature_missing", path=request.path)
+            raise web.HTTPForbidden(text="missing X-Twilio-Signature")
+        if request.method == "POST":
+            if request.content_type not in FORM_CONTENT_TYPES:
+                # Twilio only ever posts forms; anything else could not have been signed so.
+                raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
+            form: MultiDictProxy[str] = await request.post()  # type: ignore[assignment]
+        else:
+            form = MultiDictProxy(MultiDict())
+        # The validator tries the URL with and without the default port, as Twilio's own
+        # signing has varied on that.
+        if not self._validator.validate(self.url_for(request), form, signature):
+            log.warning("twilio.signature_invalid", path=request.path)
+            raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
+        return form
+
+
+class TwilioHttpClient(AsyncTwilioHttpClient):
+    """The library's aiohttp client with a default timeout and an optional base URL.
+
+    The library passes timeout=None per request, which aiohttp reads as "no timeout at
+    all"; a stuck connection would then hold an outbox lease forever.
+    """
+
+    def __init__(self, base_url: str | None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        super().__init__(timeout=timeout)
+        self._base = urlsplit(base_url.rstrip("/")) if base_url else None
+        self._default_timeout = timeout
+
+    def rewrite(self, url: str) -> str:
+        if self._base is None:
+            return url
+        parts = urlsplit(url)
+        return urlunsplit(
+            (self._base.scheme, self._base.netloc, self._base.path + parts.path, parts.query, "")
+        )
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the library's signature
+        allow_redirects: bool = False,
+    ) -> Response:
+        if auth is not None:
+            # As a header: aiohttp deprecates the `auth=` argument the library would use.
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+            headers = {**(headers or {}), "Authorization": f"Basic {token}"}
+        return await super().request(
+            method,
+            self.rewrite(url),
+            params=params,
+            data=data,
+            headers=headers,
+            auth=None,
+            timeout=timeout if timeout is not None else self._default_timeout,
+            allow_redirects=allow_redirects,
+        )
+
+
+def build_client(
+    account_sid: str, auth_token: str, base_url: str | None
+) -> tuple[Client, TwilioHttpClient]:
+    """The official client on our HTTP client; close the second one on shutdown.
+
+    Must run inside the event loop (the HTTP client opens its aiohttp session at once).
+    The explicit environment keeps TWILIO_EDGE/TWILIO_REGION of the process from sending
+    requests to another host than the configured one.
+    """
+    http = TwilioHttpClient(base_url)
+    no_env = {"TWILIO_EDGE": "", "TWILIO_REGION": ""}
+    client = Client(account_sid, auth_token, http_client=http, environment=no_env)
+    return client, http
+
+
+def _rest_message(exc: TwilioRestException) -> str:
+    # The library prefixes Twilio's own message with its operation ("Unable to create
+    # record: "); the agent wants Twilio's words.
+    msg = str(exc.msg or "")
+    _, sep, rest = msg.partition(": ")
+    return rest if sep and msg.startswith("Unable to ") else msg
+
+
+def send_error(exc: Exception, what: str) -> Exception:
+    """Map a failed REST call to the outbox's retry decision, with a readable reason."""
+    status: int
+    code: Any
+    message: str
+    if isinstance(exc, TwilioRestException):
+        status, code, message = exc.status, exc.code, _rest_message(exc)
+    elif isinstance(exc, TwilioServiceException):
+        status, code = exc.status, exc.code
+        message = exc.detail or exc.title
+    else:
+        return TemporarySendError(f"{what}: Twilio unreachable ({type(exc).__name__}: {exc})")
+    reason = f"Twilio error {code}: {message}" if code and code != status else message
+    if status == 429 or status >= 500:
+        return TemporarySendError(f"{what}: HTTP {status}, {reason}")
+    return PermanentSendError(reason or f"{what}: HTTP {status}")
