@@ -133,6 +133,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def _close_channel_connections(app: web.Application) -> None:
+    # aiohttp waits for open WebSocket handlers before the cleanup contexts run, so
+    # long-lived channel sockets (web chat) must be closed here or shutdown hangs.
+    for adapter in app[ADAPTERS].values():
+        close = getattr(adapter, "close_connections", None)
+        if close is not None:
+            await close()
+
+
 def create_app(
     config: Config,
     *,
@@ -153,6 +162,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     for adapter in adapters.values():
         app.router.add_routes(adapter.routes())
+    app.on_shutdown.append(_close_channel_connections)
     if any(ch.type == "webchat" for ch in config.channels):
         # /widget.js and /demo serve every webchat channel: added once, not per channel.
         from hub.channels.webchat import shared_routes
