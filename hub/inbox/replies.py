@@ -34,6 +34,10 @@ ADDRESS_KIND: dict[ChannelType, IdentityKind] = {
 }
 
 
+# A call cannot carry a typed reply; after a call the text goes out by SMS to the caller.
+TEXT_CHANNEL_TYPES = frozenset({ChannelType.EMAIL, ChannelType.SMS, ChannelType.WEBCHAT})
+
+
 class ChannelLike(Protocol):
     @property
     def name(self) -> str: ...
@@ -67,7 +71,12 @@ def reachable_channels(
     customer: Customer, channels: Sequence[ChannelLike], default: str | None = None
 ) -> list[ChannelLike]:
     """Configured channels the customer can be answered on, `default` first."""
-    usable = [c for c in channels if address_for(customer, ADDRESS_KIND[channel_type(c)])]
+    usable = [
+        c
+        for c in channels
+        if channel_type(c) in TEXT_CHANNEL_TYPES
+        and address_for(customer, ADDRESS_KIND[channel_type(c)])
+    ]
     usable.sort(key=lambda c: c.name != default)
     return usable
 
@@ -88,6 +97,18 @@ def choose_route(
             f"this conversation's channel {conversation.channel!r} is not configured "
             "any more: pick another channel"
         )
+    if channel_type(channel) not in TEXT_CHANNEL_TYPES:
+        if requested is not None:
+            raise ReplyRefused(
+                f"channel {channel.name!r} is a voice line and cannot carry text: "
+                "pick an SMS channel or call the customer back"
+            )
+        sms = [c for c in channels if channel_type(c) is ChannelType.SMS]
+        if not sms:
+            raise ReplyRefused(
+                "the customer last called; no SMS channel is configured to answer in text"
+            )
+        channel = sms[0]
     kind = ADDRESS_KIND[channel_type(channel)]
     to = address_for(customer, kind)
     if to is None:

@@ -14,6 +14,7 @@ from tests.twilio.conftest import (
     ALICE_PHONE,
     BOB_PHONE,
     CUSTOMER,
+    PASSWORD,
     VOICE_NUMBER,
     Hub,
     MakeHub,
@@ -330,3 +331,34 @@ async def test_voice_channel_cannot_send_text(hub: Hub) -> None:
             )
         )
     assert hub.voice.status() == {"ok": True, "phone_number": VOICE_NUMBER}
+
+
+async def test_typed_reply_after_a_call_leaves_by_sms_to_the_caller(make_hub: MakeHub) -> None:
+    hub = await make_hub(inbox=True)
+    status, _ = await hub.post_fixture("voice_incoming")
+    assert status == 200
+    caller = fixture("voice_incoming")["params"]["From"]
+    [call] = [e for e in await hub.customer_events(caller) if e.kind is EventKind.CALL]
+    login = await hub.client.post(
+        "/api/v1/auth/login", json={"login": "alice", "password": PASSWORD}
+    )
+    token = (await login.json())["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    response = await hub.client.post(
+        f"/api/v1/conversations/{call.conversation_id}/replies",
+        json={"text": "Sorry we missed you, call back any time."},
+        headers=headers,
+    )
+    assert response.status == 202, await response.text()
+    assert (await response.json())["event"]["channel"] == "sms"
+    assert await hub.outbox.run_once() == 1
+    [request] = hub.fake.sent_messages
+    assert request.value("To") == caller
+    # Asking for the voice line explicitly is refused with a reason, nothing queued.
+    refused = await hub.client.post(
+        f"/api/v1/conversations/{call.conversation_id}/replies",
+        json={"text": "hello", "channel": "phone"},
+        headers=headers,
+    )
+    assert refused.status == 422
+    assert "voice line" in (await refused.json())["error"]
