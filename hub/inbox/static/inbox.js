@@ -29,6 +29,7 @@ const state = {
   counted: new Set(), // event ids already counted as unread (updates reuse the id)
   channelTypes: new Map(), // channel name -> type
   signals: new Map(), // conversation id -> Map(agent id -> {kind, until})
+  offers: new Map(), // conversation id -> {queue, expiresAt (ms)}
   lastTypingSent: 0,
 };
 
@@ -103,6 +104,8 @@ function resetState() {
   state.unread.clear();
   state.counted.clear();
   state.signals.clear();
+  state.offers.clear();
+  renderOffers();
   clear($("conv-list"));
   clear($("timeline"));
   $("conv").hidden = true;
@@ -342,6 +345,7 @@ function renderList() {
   document.title = totalUnread ? `(${totalUnread}) Inbox · hub` : "Inbox · hub";
   if (focusedId) list.querySelector(`.conv-item[data-id="${CSS.escape(focusedId)}"]`)?.focus();
   renderChannelFilter();
+  if (state.offers.size) renderOffers(); // names of offered customers arrive with the list
 }
 
 function renderChannelFilter() {
@@ -801,6 +805,10 @@ function applyCustomer(customer) {
 
 function onSignal(message) {
   const agentId = message.agent_id;
+  if (message.kind === "offer" || message.kind === "offer_ended") {
+    if (state.me && agentId === state.me.id && message.conversation_id) onOffer(message);
+    return;
+  }
   if (message.kind === "presence") {
     const presence = message.presence || message.data?.presence;
     if (agentId && presence) {
@@ -864,6 +872,68 @@ function renderCollision() {
   const text = parts.join(" · ");
   if (notice.textContent !== text) notice.textContent = text;
   notice.hidden = !text;
+}
+
+// --- offers (queues where the agent must accept) -----------------------------------------
+
+function onOffer(message) {
+  const id = message.conversation_id;
+  if (message.kind === "offer_ended") {
+    state.offers.delete(id);
+  } else {
+    const expiresAt = message.expires_at ? new Date(message.expires_at).getTime() : Date.now() + 30000;
+    state.offers.set(id, { queue: message.queue || null, expiresAt });
+    if (!state.convs.has(id)) fetchConversation(id);
+    setTimeout(renderOffers, Math.max(0, expiresAt - Date.now()) + 100);
+  }
+  renderOffers();
+}
+
+let offersShown = "";
+function renderOffers() {
+  const now = Date.now();
+  const shown = [];
+  for (const [id, offer] of state.offers) {
+    if (offer.expiresAt <= now) {
+      state.offers.delete(id); // lapsed: the router has moved on
+      continue;
+    }
+    const conv = state.convs.get(id);
+    const name = (conv && state.customers.get(conv.customer_id)?.display_name) || "A customer";
+    shown.push({ id, offer, name });
+  }
+  // Rebuild only on change, so that a focused Accept button keeps its focus.
+  const key = JSON.stringify(shown.map(({ id, offer, name }) => [id, name, offer.queue, offer.expiresAt]));
+  if (key === offersShown) return;
+  offersShown = key;
+  const list = clear($("offer-list"));
+  for (const { id, offer, name } of shown) {
+    const until = new Date(offer.expiresAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    list.append(
+      h(
+        "li",
+        { class: "offer", dataset: { id } },
+        h("span", {}, `${name} is waiting`, offer.queue ? ` (queue ${offer.queue})` : "", ` · answer by ${until}`),
+        h("button", { type: "button", onclick: () => answerOffer(id, true) }, "Accept"),
+        h("button", { type: "button", class: "secondary", onclick: () => answerOffer(id, false) }, "Decline"),
+      ),
+    );
+  }
+  $("offers").hidden = state.offers.size === 0;
+}
+
+async function answerOffer(id, accept) {
+  state.offers.delete(id);
+  renderOffers();
+  try {
+    const data = await api("POST", `/conversations/${encodeURIComponent(id)}/${accept ? "accept" : "decline"}`);
+    if (accept) {
+      if (data && data.conversation) await applyConversation(data.conversation);
+      openConversation(id);
+    }
+  } catch (err) {
+    $("live-state").textContent = `Offer: ${err.message}`;
+  }
 }
 
 // --- wiring --------------------------------------------------------------------------
