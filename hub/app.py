@@ -176,7 +176,7 @@ def create_app(
 
 
 # Modules with an `install(app)` that plug into the hub besides channels.
-EXTENSION_MODULES: tuple[str, ...] = ("hub.inbox.api", "hub.inbox.page")
+EXTENSION_MODULES: tuple[str, ...] = ("hub.inbox.api", "hub.inbox.page", "hub.routing.service")
 
 
 def default_extensions() -> tuple[Extension, ...]:
