@@ -867,6 +867,15 @@ class WebchatAdapter:
             for conn in conns:
                 if not conn.push({"type": "typing", "from": "agent"}):
                     self._evict(conn)
+        elif signal.kind == "queue_position" and signal.conversation_id:
+            frame = {
+                "type": "queue",
+                "position": signal.data.get("position"),
+                "estimated_wait_seconds": signal.data.get("estimated_wait_seconds"),
+            }
+            for conn in tuple(self._index.of_conversation(signal.conversation_id)):
+                if not conn.push(frame):
+                    self._evict(conn)
         elif signal.kind == "presence" and self._index.all:
             self._spawn(self._announce_presence())
 

@@ -80,6 +80,10 @@ class SignalBudget:
         return True
 
 
+# Signals addressed to one agent (data["agent_id"]); other agents never see them.
+PERSONAL_SIGNALS = frozenset({"offer", "offer_ended", "assigned"})
+
+
 def signal_frame(signal: Signal) -> dict[str, Any]:
     if signal.kind == "conversation" and "conversation" in signal.data:
         return {"type": "conversation", "conversation": signal.data["conversation"]}
@@ -157,6 +161,8 @@ class AgentConnection:
                 return
             if item.kind in CLIENT_SIGNALS and item.data.get("agent_id") == self.session.agent.id:
                 return  # "you are viewing this" is noise, even from your other tab
+            if item.kind in PERSONAL_SIGNALS and item.data.get("agent_id") != self.session.agent.id:
+                return  # an offer or a hand-over (with its timeline page) is one agent's business
             await self.send(signal_frame(item))
 
     # --- client -> server -----------------------------------------------------------

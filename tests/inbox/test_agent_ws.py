@@ -242,3 +242,25 @@ async def test_logout_closes_the_socket(
     with pytest.raises(WSServerHandshakeError) as caught:
         await client.ws_connect(f"/api/v1/ws?token={tokens.alice}")
     assert caught.value.status == 401
+
+
+async def test_offers_and_hand_overs_reach_only_the_agent_they_name(
+    app: Any, tokens: Tokens, agent_ws: Connect
+) -> None:
+    alice = await agent_ws(tokens.alice)
+    bob = await agent_ws(tokens.bob)
+    await app[BUS].publish(
+        [
+            Signal(kind="offer", conversation_id="c1", data={"agent_id": "alice"}),
+            Signal(kind="assigned", conversation_id="c1", data={"agent_id": "alice"}),
+            Signal(kind="viewing", conversation_id="c1", data={"agent_id": "carol"}),
+        ]
+    )
+    offer = await next_frame(alice, lambda f: f.get("kind") == "offer")
+    assert offer["conversation_id"] == "c1"
+    await next_frame(alice, lambda f: f.get("kind") == "assigned")
+    # Bob gets the public signal published after them, and nothing addressed to Alice
+    # before it (the bus keeps order per subscriber).
+    frames = await frames_until(bob, lambda f: f.get("kind") == "viewing")
+    kinds = [f.get("kind") for f in frames if f["type"] == "signal"]
+    assert "offer" not in kinds and "assigned" not in kinds

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.app import BUS
+from hub.app import BUS, create_app
 from hub.bus import Signal
 from hub.channels.visitor_tokens import (
     InvalidToken,
@@ -33,10 +35,12 @@ from hub.model import (
     Outbound,
     Presence,
 )
+from hub.timeline.sqlite import SqliteStore
 from tests.webchat.conftest import (
     SHOP_ORIGIN,
     SITE_SECRET,
     ClientFactory,
+    Visitor,
     VisitorFactory,
     adapter_of,
     agent_note,
@@ -688,3 +692,23 @@ async def test_the_websocket_url_wants_an_upgrade(client: TestClient) -> None:
     resp = await client.get("/chat/web/ws")
     assert resp.status == 400
     assert "WebSocket" in (await resp.json())["error"]
+
+
+async def test_waiting_visitors_see_their_place_in_line(
+    aiohttp_client: Any, config: Config, tmp_path: Path
+) -> None:
+    # The whole hub, router included; no agent is online, so every chat waits in line.
+    app = create_app(config, store=SqliteStore(tmp_path / "hub.db"))
+    client = await aiohttp_client(app)
+    first = Visitor(await client.ws_connect("/chat/web/ws"))
+    second = Visitor(await client.ws_connect("/chat/web/ws"))
+    await first.hello()
+    await second.hello()
+    await first.say("I was here first")
+    assert (await first.frame_of("queue"))["position"] == 1
+    await second.say("me too")
+    place = await second.frame_of("queue")
+    assert place["position"] == 2
+    assert place["estimated_wait_seconds"] is None or place["estimated_wait_seconds"] >= 0
+    await first.close()
+    await second.close()

@@ -276,6 +276,9 @@
       typingTimer = setTimeout(function () { typing.textContent = ""; }, 5000);
     } else if (frame.type === "agents") {
       setAgents(frame.online);
+    } else if (frame.type === "queue") {
+      var wait = frame.estimated_wait_seconds > 0 ? " (about " + Math.max(1, Math.round(frame.estimated_wait_seconds / 60)) + " min)" : "";
+      showNotice(frame.position > 0 ? "You are number " + frame.position + " in line" + wait + "." : "");
     } else if (frame.type === "contact_saved") {
       offlineForm.hidden = true;
       showNotice("Thanks \u2014 we will reply to " + frame.email + ".");
