@@ -157,6 +157,52 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_email_backfill(args: argparse.Namespace) -> int:
+    """Re-read an email channel's mailbox since a date; stored mail is not stored twice."""
+    from datetime import date
+
+    from hub.channels.email import backfill_command
+    from hub.log import configure_logging
+    from hub.timeline.store import StoreError
+
+    try:
+        since = date.fromisoformat(args.since)
+    except ValueError:
+        _err(f"--since: not a date (YYYY-MM-DD): {args.since!r}")
+        return EXIT_INVALID_CONFIG
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_INVALID_CONFIG
+    configure_logging(config.hub.log_level)
+    try:
+        counts = asyncio.run(backfill_command(config, args.channel, since))
+    except ValueError as exc:
+        _err(f"hub email backfill: {exc}")
+        return EXIT_INVALID_CONFIG
+    except (StoreError, OSError) as exc:
+        _err(f"hub email backfill: {exc}")
+        return EXIT_CANNOT_START
+    print(
+        f"{args.channel}: {counts['found']} mails since {since}: {counts['stored']} stored, "
+        f"{counts['duplicates']} already there, {counts['skipped']} skipped"
+    )
+    return 0
+
+
+def _email_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    email = sub.add_parser("email", help="email channel tools")
+    email_sub = email.add_subparsers(dest="email_command", required=True)
+    backfill = email_sub.add_parser(
+        "backfill", help="re-read a mailbox since a date (safe: nothing is stored twice)"
+    )
+    backfill.add_argument("channel", help="the email channel's name")
+    backfill.add_argument("--since", required=True, metavar="DATE", help="YYYY-MM-DD")
+    backfill.add_argument("--config", required=True, metavar="FILE", help="the YAML configuration")
+    backfill.set_defaults(func=cmd_email_backfill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="hash an agent password for the YAML (reads stdin if not a TTY)"
     )
     hashpw.set_defaults(func=cmd_hash_password)
+    _email_parser(sub)
     return parser
 
 
