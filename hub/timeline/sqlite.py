@@ -371,13 +371,27 @@ class _Writes:
 
         active = _active(conn, customer_id)
         conv = active
-        if inbound.thread_refs:
-            threaded = _threaded(conn, customer_id, inbound.thread_refs)
-            if threaded is not None and (active is None or threaded.id == active.id):
-                conv = threaded
+        threaded = _threaded(conn, customer_id, inbound.thread_refs) if inbound.thread_refs else None
+        if threaded is not None and (active is None or threaded.id == active.id):
+            conv = threaded
 
         side: list[Event] = []
-        if conv is None:
+        if not inbound.routable:
+            # Machine mail (auto-replies, bounces) is filed where it belongs but changes
+            # nothing: no reopen, no new work in the inbox, no "last channel" change.
+            conv = threaded or active
+            if conv is None:
+                conv = Conversation(
+                    id=self._ids.new(),
+                    customer_id=customer_id,
+                    status=ConversationStatus.RESOLVED,
+                    channel=inbound.channel,
+                    created_at=at,
+                    last_activity_at=at,
+                    resolved_at=at,
+                )
+                conn.execute(_CONVERSATION_INSERT, conversation_values(conv))
+        elif conv is None:
             conv = Conversation(
                 id=self._ids.new(),
                 customer_id=customer_id,

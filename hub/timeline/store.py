@@ -99,6 +99,10 @@ class TimelineStore(Protocol):
         4. Append the event (direction in, author customer) and update the
            conversation: channel = inbound.channel, last_activity_at.
         Reopen/status events are returned in `side_events`, ordered before the message.
+        5. A non-routable inbound (auto-reply, bounce) changes no conversation: it joins
+           the conversation its thread_refs name (whatever its status) or the active one,
+           without reopening it or touching channel/last_activity_at; with neither, it
+           gets a new conversation created already resolved.
         """
 
     # --- customers -------------------------------------------------------------------

@@ -291,6 +291,28 @@ async def test_thread_ref_to_resolved_conversation_yields_to_the_active_one(
     assert stale is not None and stale.status is RESOLVED
 
 
+async def test_machine_mail_is_filed_without_reopening_anything(store: TimelineStore) -> None:
+    first = await store.record_inbound(inbound(email("ooo"), channel="mail", thread_key="<q1>"))
+    await store.set_status(conv_id(first), RESOLVED, AGENT)
+    before = await store.get_conversation(conv_id(first))
+
+    auto = await store.record_inbound(
+        inbound(email("ooo"), channel="mail", thread_refs=("<q1>",), routable=False)
+    )
+    assert conv_id(auto) == conv_id(first)
+    assert auto.side_events == ()
+    after = await store.get_conversation(conv_id(first))
+    assert after == before  # still resolved, same activity time
+    assert await store.active_conversation(first.customer.id) is None
+
+    # With nothing to join, it is filed on a conversation that starts resolved.
+    stray = await store.record_inbound(inbound(email("stranger"), channel="mail", routable=False))
+    assert stray.conversation is not None
+    assert stray.conversation.status is RESOLVED
+    assert await store.active_conversation(stray.customer.id) is None
+    assert (await store.get_event(stray.event.id)) == stray.event
+
+
 async def test_thread_refs_of_another_customer_are_ignored(store: TimelineStore) -> None:
     # A newsletter sent to A is registered under its Message-ID; B replies to a forward.
     a = await store.record_inbound(inbound(email("alice"), channel="mail"))
