@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import phonenumbers
 
@@ -26,8 +27,13 @@ def normalize_email(raw: str) -> str:
     return value
 
 
+@lru_cache(maxsize=16384)
 def normalize_phone(raw: str, default_region: str | None) -> str:
-    """E.164, reading national numbers in `default_region` (ISO 3166 alpha-2)."""
+    """E.164, reading national numbers in `default_region` (ISO 3166 alpha-2).
+
+    Cached: parsing is costly and every webhook of one texting customer repeats the same
+    number (an invalid one raises each time; exceptions are not cached).
+    """
     text = raw.strip()
     if not text or len(text) > 40:
         raise InvalidIdentity(f"not a phone number: {raw[:80]!r}")

@@ -154,8 +154,12 @@ def parse_media(
     return tuple(accepted), rejected
 
 
+# Built once: the answer to every inbound SMS is the same empty document.
+_EMPTY_TWIML = str(MessagingResponse()).encode()
+
+
 def empty_twiml() -> web.Response:
-    return web.Response(text=str(MessagingResponse()), content_type=TWIML_CONTENT_TYPE)
+    return web.Response(body=_EMPTY_TWIML, content_type=TWIML_CONTENT_TYPE)
 
 
 class SmsAdapter:
