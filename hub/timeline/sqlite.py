@@ -371,7 +371,9 @@ class _Writes:
 
         active = _active(conn, customer_id)
         conv = active
-        threaded = _threaded(conn, customer_id, inbound.thread_refs) if inbound.thread_refs else None
+        threaded = (
+            _threaded(conn, customer_id, inbound.thread_refs) if inbound.thread_refs else None
+        )
         if threaded is not None and (active is None or threaded.id == active.id):
             conv = threaded
 

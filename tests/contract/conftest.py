@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,7 +10,11 @@ import pytest
 
 from hub.timeline.store import TimelineStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = [
+    "sqlite",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", marks=pytest.mark.redis),
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -19,6 +24,14 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         from hub.timeline.sqlite import SqliteStore
 
         instance: TimelineStore = SqliteStore(tmp_path / "hub.db")
+    elif backend in ("redis", "redis-cluster"):
+        from hub.timeline.redis import RedisStore
+
+        cluster = backend == "redis-cluster"
+        server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
+        # A key prefix of its own isolates each test without flushing a shared server.
+        prefix = f"t{uuid.uuid4().hex[:12]}"
+        instance = RedisStore(server.url, cluster=cluster, key_prefix=prefix)
     else:  # pragma: no cover - extended by the Redis backend
         raise AssertionError(f"unknown backend {backend}")
     await instance.start()
