@@ -57,7 +57,7 @@ from hub.channels.email_parse import Bounce, ParsedMail, parse_message
 from hub.channels.email_smtp import smtp_send
 from hub.channels.email_token import make_token, reply_address, token_in_address
 from hub.config import Config, EmailChannel
-from hub.lease import Lease, LocalLease, run_while_leader
+from hub.lease import Lease, run_while_leader
 from hub.model import (
     SYSTEM,
     ChannelType,
@@ -166,15 +166,9 @@ class EmailAdapter:
         )
 
     def _make_lease(self) -> Lease:
-        """One process watches a mailbox. A store that can lease across processes (Redis)
-        offers `lease(name, owner, ttl_seconds)`; otherwise a process-local lease."""
-        name = f"email:{self.name}"
+        """One process watches a mailbox: the store's lease spans every hub process."""
         owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        factory = getattr(self.store, "lease", None)
-        if callable(factory):
-            lease: Lease = factory(name, owner, self.lease_seconds)
-            return lease
-        return LocalLease(name, owner, self.lease_seconds)
+        return self.store.lease(f"email:{self.name}", owner, self.lease_seconds)
 
     async def _lead(self) -> None:
         self._leader = True

@@ -67,6 +67,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hub.ids import id_time_ms, is_id
+from hub.lease import Lease, RedisLease
 from hub.model import (
     CUSTOMER,
     Attachment,
@@ -1708,6 +1709,11 @@ class RedisStore:
         return updated
 
     # --- channel state -----------------------------------------------------------------------
+
+    def lease(self, name: str, owner: str, ttl_seconds: float) -> Lease:
+        if self._redis is None:
+            raise StoreUnavailable("the Redis store is not started")
+        return RedisLease(self._redis, name, owner, ttl_seconds, key_prefix=self._prefix)
 
     async def get_state(self, key: str) -> str | None:
         return await self._command("HGET", self._state_key, key)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hub.ids import IdGenerator, is_id
+from hub.lease import Lease, LocalLease
 from hub.model import (
     CUSTOMER,
     SYSTEM,
@@ -1367,6 +1368,9 @@ class SqliteStore:
         )
 
     # --- channel state ---
+
+    def lease(self, name: str, owner: str, ttl_seconds: float) -> Lease:
+        return LocalLease(name, owner, ttl_seconds)
 
     async def get_state(self, key: str) -> str | None:
         return await self._read(lambda conn: _get_state(conn, key))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from hub.lease import Lease
 from hub.model import (
     Conversation,
     ConversationQuery,
@@ -299,3 +300,8 @@ class TimelineStore(Protocol):
     async def get_state(self, key: str) -> str | None: ...
 
     async def set_state(self, key: str, value: str) -> None: ...
+
+    def lease(self, name: str, owner: str, ttl_seconds: float) -> Lease:
+        """A lease shared by every hub process on this store, for work that must run in
+        one process at a time (an IMAP mailbox watch, a sweeper). SQLite serves one
+        process, so its lease is process-local; Redis leases across processes."""

@@ -1124,3 +1124,16 @@ async def test_get_and_set_state(store: TimelineStore) -> None:
     await store.set_state("imap:support:uid", "42")
     assert await store.get_state("imap:support:uid") == "42"
     assert await store.get_state("imap:other:uid") is None
+
+
+async def test_lease_admits_one_owner_at_a_time(store: TimelineStore) -> None:
+    name = f"sweeper-{next(_ids)}"
+    first = store.lease(name, "process-a", 5.0)
+    second = store.lease(name, "process-b", 5.0)
+    assert await first.acquire()
+    assert not await second.acquire()
+    assert await first.renew()
+    await first.release()
+    assert await second.acquire()
+    assert not await first.renew()
+    await second.release()
