@@ -108,14 +108,26 @@ class RedisLease:
 
 
 class LocalLease:
-    """A lease among the tasks of one process: enough when only one hub process runs."""
+    """A lease among the tasks of one process: enough when only one hub process runs.
 
-    _holders: ClassVar[dict[str, tuple[str, float]]] = {}
+    Leases sharing one `holders` table exclude each other; a store passes its own table
+    so that two stores in one process (tests, tools) do not contend.
+    """
 
-    def __init__(self, name: str, owner: str, ttl_seconds: float = 30.0) -> None:
+    _shared: ClassVar[dict[str, tuple[str, float]]] = {}
+
+    def __init__(
+        self,
+        name: str,
+        owner: str,
+        ttl_seconds: float = 30.0,
+        *,
+        holders: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
         self.name = name
         self.owner = owner
         self.ttl_seconds = ttl_seconds
+        self._holders = self._shared if holders is None else holders
 
     def _free_or_mine(self) -> bool:
         holder = self._holders.get(self.name)

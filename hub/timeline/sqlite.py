@@ -1146,6 +1146,8 @@ class SqliteStore:
         self._reader_conns: list[Connection] = []
         self._reader_lock = threading.Lock()
         self._closed = False
+        # One process serves a SQLite file: leases only need to exclude its own tasks.
+        self._leases: dict[str, tuple[str, float]] = {}
 
     # --- lifecycle ---
 
@@ -1370,7 +1372,7 @@ class SqliteStore:
     # --- channel state ---
 
     def lease(self, name: str, owner: str, ttl_seconds: float) -> Lease:
-        return LocalLease(name, owner, ttl_seconds)
+        return LocalLease(name, owner, ttl_seconds, holders=self._leases)
 
     async def get_state(self, key: str) -> str | None:
         return await self._read(lambda conn: _get_state(conn, key))
