@@ -58,6 +58,22 @@ async def error_middleware(
         return json_error(500, "internal error")
 
 
+@web.middleware
+async def body_limit_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """413 for a declared body over the limit, before anyone waits for it.
+
+    aiohttp applies client_max_size only while reading: a request that promises a
+    gigabyte and sends a few bytes would hold its handler waiting for the rest.
+    """
+    limit = request.app[CONFIG].hub.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        return json_error(413, f"request body too large: at most {limit} bytes")
+    return await handler(request)
+
+
 def build_store(config: Config) -> TimelineStore:
     if config.storage.backend == "redis":
         from hub.timeline.redis import RedisStore
@@ -150,7 +166,8 @@ def create_app(
 ) -> web.Application:
     """The whole hub as one aiohttp app. `store` lets tests inject an opened backend."""
     app = web.Application(
-        client_max_size=config.hub.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.hub.max_body_bytes,
+        middlewares=[error_middleware, body_limit_middleware],
     )
     app[CONFIG] = config
     if store is not None:
@@ -176,7 +193,13 @@ def create_app(
 
 
 # Modules with an `install(app)` that plug into the hub besides channels.
-EXTENSION_MODULES: tuple[str, ...] = ("hub.inbox.api", "hub.inbox.page", "hub.routing.service")
+EXTENSION_MODULES: tuple[str, ...] = (
+    "hub.inbox.api",
+    "hub.inbox.page",
+    "hub.routing.service",
+    "hub.reports.integrations",
+    "hub.reports.api",
+)
 
 
 def default_extensions() -> tuple[Extension, ...]:

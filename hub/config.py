@@ -41,12 +41,14 @@ from hub.model import Agent, ChannelType, Role
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "WEBHOOK_EVENTS",
     "Agent",
     "BusinessHours",
     "ChannelConfig",
     "Config",
     "ConfigError",
     "ConfigIssue",
+    "CsatSettings",
     "EmailChannel",
     "HubSettings",
     "ImapSettings",
@@ -54,12 +56,16 @@ __all__ = [
     "QueueConfig",
     "QueueMatch",
     "RoutingSettings",
+    "SegmentConfig",
+    "SlaPolicy",
+    "SlaSettings",
     "SmsChannel",
     "SmtpSettings",
     "StorageSettings",
     "TwilioSettings",
     "VoiceChannel",
     "WebchatChannel",
+    "WebhookConfig",
     "demo_config",
     "load_config",
     "parse_config",
@@ -110,6 +116,8 @@ class HubSettings:
     data_dir: Path = Path("data")  # absolute after loading
     log_level: str = "info"
     max_body_bytes: int = 1_048_576
+    # GET /metrics without a token (operators' scrapers); False: a supervisor's token.
+    metrics_public: bool = True
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,107 @@ class BusinessHours:
         )
 
 
+SLA_TARGETS = ("first_response", "next_response", "resolution")
+
+
+@dataclass(frozen=True)
+class SlaPolicy:
+    """Response and resolution targets (seconds) for some queues; None: no such target."""
+
+    name: str
+    # Empty: every queue that no other policy names (at most one policy is such a default).
+    queues: tuple[str, ...] = ()
+    first_response: int | None = None
+    next_response: int | None = None
+    resolution: int | None = None
+    # "calendar" (every hour counts), "queue" (the conversation's queue's business hours,
+    # calendar when it has none), or the name of a business_hours entry.
+    business_hours: str = "calendar"
+    pause_while_pending: bool = True
+    # Warn this long before a breach; None: when 80% of the target has passed.
+    warn_before: int | None = None
+
+    def target(self, sla: str) -> int | None:
+        value: int | None = getattr(self, sla)
+        return value
+
+
+@dataclass(frozen=True)
+class SlaSettings:
+    policies: tuple[SlaPolicy, ...] = ()
+    check_every_seconds: int = 30
+
+    def policy_for(self, queue: str | None) -> SlaPolicy | None:
+        """The policy naming `queue`, else the default policy (one without queues)."""
+        fallback = None
+        for policy in self.policies:
+            if queue is not None and queue in policy.queues:
+                return policy
+            if not policy.queues and fallback is None:
+                fallback = policy
+        return fallback
+
+
+DEFAULT_CSAT_QUESTION = (
+    "How did we do? Reply with a number from 1 (poor) to 5 (excellent), and a comment if you like."
+)
+
+
+@dataclass(frozen=True)
+class CsatSettings:
+    enabled: bool = False
+    # Channel names a survey may be sent on; empty: every text channel (not voice).
+    channels: tuple[str, ...] = ()
+    question: str = DEFAULT_CSAT_QUESTION
+    delay_seconds: int = 60  # after the conversation is resolved
+    window_seconds: int = 259_200  # how long an answer is taken as one (3 days)
+
+
+# What an outgoing webhook may subscribe to (docs/webhooks.md); "*" is everything.
+WEBHOOK_EVENTS = (
+    "message.received",
+    "message.sent",
+    "message.delivery",
+    "note.created",
+    "call",
+    "voicemail",
+    "conversation.status",
+    "conversation.assigned",
+    "customer.merged",
+    "csat.received",
+    "sla.warning",
+    "sla.breach",
+    "*",
+)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    name: str
+    url: str
+    events: tuple[str, ...]
+    secret: str  # HMAC-SHA256 key of the Hub-Webhook-Signature header
+    timeout_seconds: int = 10
+    max_attempts: int = 20
+
+    def wants(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """A saved filter over customers: every given field must hold; within a list, any
+    value may (like queue match rules)."""
+
+    name: str
+    tags: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()  # channel names the customer contacted us on
+    channel_types: tuple[str, ...] = ()
+    last_contact_within: int | None = None  # seconds since the customer's last contact
+    csat_at_most: int | None = None  # their latest CSAT score is this or lower
+    has_open_conversation: bool | None = None  # an active (not resolved) conversation
+
+
 @dataclass(frozen=True)
 class Config:
     hub: HubSettings
@@ -282,6 +391,10 @@ class Config:
     routing: RoutingSettings
     business_hours: tuple[BusinessHours, ...]
     source: str = "<config>"
+    sla: SlaSettings = SlaSettings()
+    csat: CsatSettings = CsatSettings()
+    webhooks: tuple[WebhookConfig, ...] = ()
+    segments: tuple[SegmentConfig, ...] = ()
 
     def channel(self, name: str) -> ChannelConfig:
         for channel in self.channels:
@@ -309,6 +422,12 @@ class Config:
         for hours in self.business_hours:
             if hours.name == name:
                 return hours
+        raise KeyError(name)
+
+    def segment(self, name: str) -> SegmentConfig:
+        for segment in self.segments:
+            if segment.name == name:
+                return segment
         raise KeyError(name)
 
 
@@ -546,6 +665,10 @@ _KINDS = {
     "agent": ("agent", "agents", "agent id"),
     "login": ("login", "logins", "login"),
     "hours": ("business hours", "business hours", "business hours name"),
+    "sla_policy": ("SLA policy", "SLA policies", "SLA policy name"),
+    "sla_queue": ("SLA queue", "SLA queues", "SLA queue"),
+    "webhook": ("webhook", "webhooks", "webhook name"),
+    "segment": ("segment", "segments", "segment name"),
 }
 
 
@@ -1029,6 +1152,7 @@ _HUB = [
     _F("data_dir", _text(), "data"),
     _F("log_level", _enum("debug", "info", "warning", "error", fold=True), "info"),
     _F("max_body_bytes", _int(1024), 1_048_576),
+    _F("metrics_public", _bool, True),
 ]
 
 
@@ -1344,6 +1468,139 @@ _HOURS = [
 ]
 
 
+# --- analytics and integrations: SLA policies, CSAT, outgoing webhooks, segments ---------
+
+
+def _sla_hours(ctx: _Ctx, node: yaml.Node, path: str) -> Any:
+    """`calendar`, `queue`, or a business_hours name (checked like any reference)."""
+    value = _text()(ctx, node, path)
+    if isinstance(value, _Invalid) or value in ("calendar", "queue"):
+        return value
+    return _ref("hours")(ctx, node, path)
+
+
+def _sla_policy(v: _Values) -> Any:
+    given = [v[key] for key in SLA_TARGETS if v[key] is not None]
+    if not given and v.ok(*SLA_TARGETS):
+        v.fail("first_response", "give at least one of: " + ", ".join(SLA_TARGETS), near="name")
+    warn = v["warn_before"]
+    if warn is not None and v.ok("warn_before", *SLA_TARGETS) and any(warn >= t for t in given):
+        v.fail("warn_before", "must be shorter than every target of the policy")
+    if v["queues"] == () and v.ok("name"):
+        defaults = v.ctx.symbols.setdefault("sla_default", {})
+        first = next(iter(defaults.values()), None)
+        if first is not None:
+            v.fail(
+                "queues",
+                f"only one policy may leave out queues (the one at {first.path}, "
+                f"line {first.line}, already covers every other queue)",
+                near="name",
+            )
+        else:
+            defaults[v["name"]] = v.site("name")
+    return v.make(SlaPolicy)
+
+
+_SLA_POLICY = [
+    _F("name", _declared("sla_policy", _name)),
+    _F("queues", _list(_declared("sla_queue", _ref("queue"))), ()),
+    _F("first_response", _duration(1), None),
+    _F("next_response", _duration(1), None),
+    _F("resolution", _duration(1), None),
+    _F("business_hours", _sla_hours, "calendar"),
+    _F("pause_while_pending", _bool, True),
+    _F("warn_before", _duration(1), None),
+]
+
+
+def _sla(v: _Values) -> Any:
+    return v.make(SlaSettings)
+
+
+_SLA = [
+    _F("policies", _list(_section(_SLA_POLICY, _sla_policy)), ()),
+    _F("check_every_seconds", _duration(1), 30),
+]
+
+
+def _text_channel(ctx: _Ctx, node: yaml.Node, path: str) -> Any:
+    """A channel name that can carry text (a survey cannot be asked on a voice line)."""
+    value = _ref("channel")(ctx, node, path)
+    if not isinstance(value, _Invalid) and ctx.channel_types.get(value) == ChannelType.VOICE:
+        return ctx.error(
+            path, ctx.line(node), f"channel {value!r} is a voice line: surveys go by text"
+        )
+    return value
+
+
+def _csat(v: _Values) -> Any:
+    return v.make(CsatSettings)
+
+
+_CSAT = [
+    _F("enabled", _bool, False),
+    _F("channels", _list(_text_channel), ()),
+    _F("question", _text(), DEFAULT_CSAT_QUESTION),
+    _F("delay_seconds", _duration(0), 60),
+    _F("window_seconds", _duration(60), 259_200),
+]
+
+
+def _webhook_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise _Bad("must be an http(s) URL like https://crm.example.com/hooks/hub")
+    return text
+
+
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise _Bad("must be at least 16 characters (a long random string)")
+    return text
+
+
+def _webhook(v: _Values) -> Any:
+    if v["events"] == ():
+        v.fail("events", "list at least one event type (or * for all)")
+    return v.make(WebhookConfig)
+
+
+_WEBHOOK = [
+    _F("name", _declared("webhook", _name)),
+    _F("url", _text(_webhook_url)),
+    _F("events", _list(_enum(*WEBHOOK_EVENTS))),
+    _F("secret", _text(_secret), required_hint=" (e.g. secret: ${MY_WEBHOOK_SECRET})"),
+    _F("timeout_seconds", _duration(1), 10),
+    _F("max_attempts", _int(1, 1000), 20),
+]
+
+_SEGMENT_FILTERS = (
+    "tags",
+    "channels",
+    "channel_types",
+    "last_contact_within",
+    "csat_at_most",
+    "has_open_conversation",
+)
+
+
+def _segment(v: _Values) -> Any:
+    if all(v[key] in ((), None) for key in _SEGMENT_FILTERS):
+        v.fail("tags", "give at least one filter: " + ", ".join(_SEGMENT_FILTERS), near="name")
+    return v.make(SegmentConfig)
+
+
+_SEGMENT = [
+    _F("name", _declared("segment", _name)),
+    _F("tags", _list(_text()), ()),
+    _F("channels", _list(_ref("channel")), ()),
+    _F("channel_types", _list(_enum(*_CHANNEL_TYPES)), ()),
+    _F("last_contact_within", _duration(1), None),
+    _F("csat_at_most", _int(1, 5), None),
+    _F("has_open_conversation", _bool, None),
+]
+
+
 _ROOT = [
     # Order matters: hub sets the phone region and data dir the later sections use.
     _F("hub", _section(_HUB, _hub), _SECTION),
@@ -1352,6 +1609,10 @@ _ROOT = [
     _F("routing", _section(_ROUTING, _routing), _SECTION),
     _F("business_hours", _list(_section(_HOURS, _hours)), ()),
     _F("agents", _list(_section(_AGENT, _agent)), ()),
+    _F("sla", _section(_SLA, _sla), _SECTION),
+    _F("csat", _section(_CSAT, _csat), _SECTION),
+    _F("webhooks", _list(_section(_WEBHOOK, _webhook)), ()),
+    _F("segments", _list(_section(_SEGMENT, _segment)), ()),
 ]
 
 
@@ -1416,6 +1677,10 @@ def _parse(
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue("", None, f"YAML syntax error: {exc}")], source) from None
+    except RecursionError:
+        # PyYAML composes recursively: thousands of nested [ or { exhaust the stack.
+        message = "YAML nested too deeply to be a configuration"
+        raise ConfigError([ConfigIssue("", None, message)], source) from None
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
         message = "the file is empty (expected sections such as hub, channels, agents, routing)"
         raise ConfigError([ConfigIssue("", None, message)], source)

@@ -20,6 +20,9 @@ client -> server
   {"type":"contact", "email"}                -> {"type":"contact_saved","email"}
       "continue by email" when no agent is online (channels with offline_email_channel)
   {"type":"ping"}                            -> {"type":"pong"}
+  {"type":"csat", "survey", "score": 1-5, "comment"?}  -> {"type":"csat_saved","survey","score"}
+      the visitor's rating of a resolved conversation (hub/reports/csat.py); error
+      `csat_closed` when that survey is not open (answered, expired, or none).
 server -> client
   {"type":"welcome", "token", "visitor_id", "agents_online": bool|null,
    "offline_email": bool, "title", "max_message_chars"}
@@ -31,7 +34,9 @@ server -> client
   {"type":"agents", "online": bool}          agents' presence changed
   {"type":"error", "code", "message", "client_id"?}
       codes: bad_frame, hello_required, invalid_token, too_long, empty, rate_limited,
-      invalid_email, unsupported, unavailable, internal.
+      invalid_email, unsupported, unavailable, internal, csat_closed.
+  An event that is a satisfaction survey carries "csat": {"survey", "scale": 5}: the
+  widget shows rating buttons under it.
 Close codes: 4400 no/bad hello, 4401 invalid token, 4408 hello timeout or too slow a
 reader (reconnect and resume), 1001 hub shutting down, 1013 storage unavailable.
 
@@ -50,7 +55,7 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,6 +115,10 @@ MAX_NAME_CHARS = 120
 MAX_USER_ID_CHARS = 256
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+# Records a visitor's CSAT rating: (customer id, channel, survey id, score, comment) ->
+# the stored answer, or None when that survey is not open. Set by hub.reports.integrations.
+CsatRecorder = Callable[[str, str, str, int, str], Awaitable[Event | None]]
+
 CLOSE_BAD_HELLO = 4400
 CLOSE_INVALID_TOKEN = 4401
 CLOSE_TOO_SLOW = 4408
@@ -130,6 +139,20 @@ def error_frame(code: str, message: str, client_id: str | None = None) -> dict[s
     if client_id is not None:
         frame["client_id"] = client_id
     return frame
+
+
+def load_frame(text: str) -> Any:
+    """A frame's JSON; ValueError also for what json.loads takes but the hub can't keep.
+
+    Lone surrogates (a "\\ud800" escape) can't be encoded as UTF-8, so the store would
+    fail on them; nesting thousands deep makes json.loads raise RecursionError.
+    """
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    return value
 
 
 def dumps(frame: dict[str, Any]) -> str:
@@ -371,6 +394,7 @@ class WebchatAdapter:
         self._agents_online: bool | None = None
         self._dropped_seen = 0
         self._log = log.bind(channel=self.name)
+        self.record_csat: CsatRecorder | None = None
 
     # --- the adapter contract ------------------------------------------------------
 
@@ -428,7 +452,12 @@ class WebchatAdapter:
     def origin_allowed(self, origin: str | None) -> bool:
         if not self._allowed_origins or "*" in self._allowed_origins:
             return True
-        return origin is not None and normalize_origin(origin) in self._allowed_origins
+        if origin is None:
+            return False
+        try:
+            return normalize_origin(origin) in self._allowed_origins
+        except ValueError:
+            return False  # not a URL at all: a bad port, a broken IPv6 host
 
     async def handle_socket(self, request: web.Request) -> web.StreamResponse:
         if self._services is None or self._tokens is None:
@@ -440,6 +469,9 @@ class WebchatAdapter:
         self._app = request.app
         max_size = max(16_384, self.cfg.max_message_chars * 6 + 2048)
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=max_size)
+        if not request.headers.get("Sec-WebSocket-Key", "").isascii():
+            # aiohttp's handshake base64-decodes the key and lets the ValueError escape.
+            raise web.HTTPBadRequest(text="Sec-WebSocket-Key is not base64")
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="this URL takes a WebSocket upgrade")
         await ws.prepare(request)
@@ -722,7 +754,7 @@ class WebchatAdapter:
 
     async def _on_frame(self, conn: VisitorConnection, data: str) -> None:
         try:
-            frame = json.loads(data)
+            frame = load_frame(data)
         except ValueError:
             raise FrameError("bad_frame", "frames must be JSON objects") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
@@ -736,6 +768,8 @@ class WebchatAdapter:
             await self._on_contact(conn, frame)
         elif kind == "ping":
             conn.push({"type": "pong"})
+        elif kind == "csat":
+            await self._on_csat(conn, frame)
         elif kind == "hello":
             raise FrameError("bad_frame", "already greeted; reconnect to start over")
         else:
@@ -817,6 +851,25 @@ class WebchatAdapter:
         )
         await self._settle_claims(conn)
         conn.push({"type": "contact_saved", "email": email})
+
+    async def _on_csat(self, conn: VisitorConnection, frame: dict[str, Any]) -> None:
+        if self.record_csat is None:
+            raise FrameError("unsupported", "this chat does not ask for ratings")
+        survey, score, comment = frame.get("survey"), frame.get("score"), frame.get("comment", "")
+        if not isinstance(survey, str) or not is_id(survey):
+            raise FrameError("bad_frame", "survey must be the id of the survey event")
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+            raise FrameError("bad_frame", "score must be a whole number from 1 to 5")
+        if not isinstance(comment, str) or len(comment) > self.cfg.max_message_chars:
+            raise FrameError("bad_frame", "comment must be a string of limited length")
+        if not self._limiter.take(conn.visitor_id):
+            raise FrameError("rate_limited", "too many messages, wait a moment")
+        answer = None
+        if conn.customer_id is not None:
+            answer = await self.record_csat(conn.customer_id, self.name, survey, score, comment)
+        if answer is None:
+            raise FrameError("csat_closed", "this survey is closed")
+        conn.push({"type": "csat_saved", "survey": survey, "score": score})
 
     # --- fan-out from the bus ------------------------------------------------------
 
@@ -924,6 +977,8 @@ class WebchatAdapter:
         name = self._author_name(event.author)
         if name:
             body["author_name"] = name
+        if "csat_request" in event.data and event.direction is Direction.OUT:
+            body["csat"] = {"survey": event.id, "scale": 5}
         if (
             event.direction is Direction.IN
             and event.channel_type is ChannelType.WEBCHAT
@@ -973,7 +1028,7 @@ def parse_hello(msg: Any) -> dict[str, Any]:
     if msg.type is not WSMsgType.TEXT:
         raise FrameError("hello_required", "the first frame must be a JSON hello")
     try:
-        frame = json.loads(msg.data)
+        frame = load_frame(msg.data)
     except ValueError:
         raise FrameError("hello_required", "the first frame must be a JSON hello") from None
     if not isinstance(frame, dict) or frame.get("type") != "hello":

@@ -159,6 +159,29 @@ PAGING = [
     _param("before", "query", STR, "next_cursor of the previous page"),
 ]
 TIMELINE = _page(_ref("Event"))
+REPORT_DIMENSIONS = ("channel", "queue", "agent", "tag")
+REPORT_METRICS = (
+    "conversations",
+    "abandoned_chats",
+    "volume_in",
+    "volume_out",
+    "missed_calls",
+    "first_response",
+    "next_response",
+    "queue_wait",
+    "handle",
+    "resolution",
+)
+REPORT_PARAMS = [
+    _param("from", "query", STR, "YYYY-MM-DD (local day) or ISO 8601 time with a zone"),
+    _param("to", "query", STR, "YYYY-MM-DD (included) or ISO 8601 time (excluded)"),
+    _param("tz", "query", STR, "IANA zone for dates, hours and days"),
+    _param("channel", "query", STR),
+    _param("queue", "query", STR),
+    _param("agent", "query", STR),
+    _param("tag", "query", STR),
+    _param("business_hours", "query", STR, "a business_hours name: durations in open time"),
+]
 
 # (method, path) -> operation, without security (added from the handlers' roles).
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -424,10 +447,52 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Channels' status, the store, agents online",
         "responses": {"200": _ok("status", {"type": "object"})},
     },
+    # Served by hub/reports/api.py; figures defined in docs/reports.md.
+    ("GET", "/api/v1/reports/summary"): {
+        "summary": "Response, wait, handle and resolution times, volumes, missed calls",
+        "parameters": [*REPORT_PARAMS, _param("by", "query", {"enum": list(REPORT_DIMENSIONS)})],
+        "responses": {
+            "200": _ok("the figures of the period", {"type": "object"}),
+            "400": _err("bad or unknown query parameter"),
+        },
+    },
+    ("GET", "/api/v1/reports/timeseries"): {
+        "summary": "One figure per local hour or day of the period",
+        "parameters": [
+            *REPORT_PARAMS,
+            _param("metric", "query", {"enum": list(REPORT_METRICS)}),
+            _param("interval", "query", {"enum": ["hour", "day"], "default": "day"}),
+        ],
+        "responses": {
+            "200": _ok("points", {"type": "object"}),
+            "400": _err("bad or unknown query parameter"),
+        },
+    },
+    ("GET", "/api/v1/reports/export.csv"): {
+        "summary": "The period as CSV: one row per conversation, or per group",
+        "parameters": [
+            *REPORT_PARAMS,
+            _param("group", "query", {"enum": ["conversation", *REPORT_DIMENSIONS]}),
+        ],
+        "responses": {
+            "200": {"description": "CSV", "content": {"text/csv": {"schema": STR}}},
+            "400": _err("bad or unknown query parameter"),
+        },
+    },
+    ("GET", "/api/v1/reports/queues"): {
+        "summary": "Live: waiting per queue, longest wait, agents per presence state",
+        "responses": {
+            "200": _ok("now", {"type": "object"}),
+            "400": _err("it takes no query parameters"),
+        },
+    },
     ("GET", "/api/v1/ws"): {
         "summary": "The agents' realtime WebSocket (token in ?token=); see docs/api.md",
         "parameters": [_param("token", "query", STR, "the bearer token")],
-        "responses": {"101": _ok("switching protocols")},
+        "responses": {
+            "101": _ok("switching protocols"),
+            "400": _err("not a WebSocket upgrade request"),
+        },
     },
 }
 
@@ -448,6 +513,21 @@ def registered_operations(app: web.Application) -> dict[tuple[str, str], object]
     return found
 
 
+def _refusals(path: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """The 4xx every operation of this shape can answer (tests/hostile/test_schemathesis.py
+    holds the served answers to the document); an operation's own entries win."""
+    out: dict[str, Any] = {}
+    takes_body = "requestBody" in operation
+    if takes_body or any(p["in"] == "query" for p in operation.get("parameters", ())):
+        out["400"] = _err("malformed JSON, or a bad or unknown query parameter")
+    if "{id}" in path:
+        out["404"] = _err("no such conversation or customer")
+    if takes_body:
+        out["413"] = _err("body over hub.max_body_bytes, or a text over its limit")
+        out["422"] = _err("a field missing, unknown, or of the wrong type or value")
+    return out
+
+
 def openapi_document(app: web.Application) -> dict[str, Any]:
     handlers = registered_operations(app)
     paths: dict[str, dict[str, Any]] = {}
@@ -459,7 +539,11 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
             "403": _err("your role may not do this"),
         }
         op = {**operation, **_security(role)}
-        op["responses"] = {**(common if role is not None else {}), **operation["responses"]}
+        op["responses"] = {
+            **(common if role is not None else {}),
+            **_refusals(path, operation),
+            **operation["responses"],
+        }
         paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",

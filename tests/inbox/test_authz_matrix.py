@@ -51,6 +51,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/conversations/{id}/decline"): AGENT,
     ("GET", "/api/v1/admin/status"): ADMIN,
     ("GET", "/api/v1/ws"): AGENT,
+    ("GET", "/api/v1/reports/summary"): SUPERVISOR,
+    ("GET", "/api/v1/reports/timeseries"): SUPERVISOR,
+    ("GET", "/api/v1/reports/export.csv"): SUPERVISOR,
+    ("GET", "/api/v1/reports/queues"): SUPERVISOR,
 }
 
 

@@ -87,6 +87,7 @@
     "textarea,input{flex:1;min-height:44px;padding:10px;border:1px solid #8a8f98;border-radius:8px;font-size:16px;resize:none;color:#1b1b1b;background:#fff}",
     "button.primary{min-height:44px;padding:0 16px;border:0;border-radius:8px;background:#1f4fd1;color:#fff;font-size:15px;font-weight:600;cursor:pointer}",
     "button.link{border:0;background:none;color:#1f4fd1;text-decoration:underline;cursor:pointer;min-height:44px}",
+    ".csat{display:flex;gap:6px;margin-top:6px}.csat button{min-width:36px;min-height:36px;border:1px solid #1f4fd1;border-radius:8px;background:#fff;color:#1f4fd1;font-size:15px;cursor:pointer}",
     "label{font-size:14px}.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}",
     "@media (max-width:480px){.panel{right:0;bottom:0;width:100%;max-width:none;height:100%;max-height:none;border-radius:0}}",
     "@media (prefers-reduced-motion:no-preference){.panel{transition:opacity .15s}}"
@@ -149,8 +150,24 @@
     ]);
     if (m.id) node.setAttribute("data-id", m.id);
     if (m.client_id) node.setAttribute("data-client-id", m.client_id);
+    if (m.csat && typeof m.csat.survey === "string") node.appendChild(csatButtons(m.csat.survey));
     setMeta(node, m.id ? timeText(m.created_at) : "Sending\u2026");
     return node;
+  }
+  // A satisfaction survey: 1-5 buttons under the question, sent as a "csat" frame.
+  function csatButtons(survey) {
+    var row = el("div", { class: "csat", role: "group", "aria-label": "Rate this conversation from 1 to 5", "data-survey": survey });
+    for (var n = 1; n <= 5; n++) {
+      row.appendChild(el("button", { type: "button", text: String(n), "aria-label": n + " out of 5",
+        onclick: (function (score) { return function () { send({ type: "csat", survey: survey, score: score }); }; })(n) }));
+    }
+    return row;
+  }
+  function csatDone(survey, text) {
+    var rows = log.querySelectorAll(".csat");
+    for (var i = 0; i < rows.length; i++) {
+      if (rows[i].getAttribute("data-survey") === survey) rows[i].parentNode.replaceChild(el("span", { class: "meta", text: text }), rows[i]);
+    }
   }
   function setMeta(node, text) { node.querySelector(".meta").textContent = text; }
   function place(node, eventId) {
@@ -282,6 +299,8 @@
     } else if (frame.type === "contact_saved") {
       offlineForm.hidden = true;
       showNotice("Thanks \u2014 we will reply to " + frame.email + ".");
+    } else if (frame.type === "csat_saved") {
+      csatDone(frame.survey, "Thank you for your rating.");
     } else if (frame.type === "error") {
       onError(frame);
     }
@@ -290,6 +309,7 @@
   function onError(frame) {
     if (!frame.client_id) {
       if (frame.code === "invalid_email") showNotice("That email address does not look right.");
+      if (frame.code === "csat_closed") showNotice("This survey is closed.");
       return;
     }
     var node = pendingNode(frame.client_id);
