@@ -343,6 +343,44 @@ def _bounce_of(msg: Message) -> Bounce | None:
 
 
 def parse_message(raw: bytes) -> ParsedMail:
+    try:
+        return _parse_message(raw)
+    except RecursionError:
+        # MIME parts or address comments nested thousands deep exhaust the stack of the
+        # stdlib's recursive parsers. Raising would fail the whole fetched batch again and
+        # again; such a mail is kept as unreadable instead (no sender: nobody to file it
+        # under), which the adapter logs and skips.
+        return _unparsable(raw)
+
+
+def _unparsable(raw: bytes) -> ParsedMail:
+    return ParsedMail(
+        external_id="sha256:" + hashlib.sha256(raw).hexdigest(),
+        message_id=None,
+        from_address=None,
+        display_name=None,
+        sender_candidates=(),
+        to=(),
+        cc=(),
+        delivered_to=(),
+        subject="",
+        date=None,
+        in_reply_to=(),
+        references=(),
+        text="",
+        full_text="",
+        quoted="",
+        signature="",
+        html=None,
+        attachments=(),
+        auto_reason=None,
+        bounce=None,
+        forwarded=False,
+        defects=("NestedTooDeeply",),
+    )
+
+
+def _parse_message(raw: bytes) -> ParsedMail:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     defects = [type(d).__name__ for d in msg.defects]
 

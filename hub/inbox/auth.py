@@ -88,7 +88,8 @@ class TokenService:
         return token, expires_at
 
     async def authenticate(self, token: str | None) -> Session | None:
-        if not token or len(token) > 200:
+        # Tokens are ASCII; raw header bytes arrive as surrogates that can't be hashed.
+        if not token or len(token) > 200 or not token.isascii():
             return None
         return await self.session(token_digest(token))
 

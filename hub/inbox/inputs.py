@@ -45,8 +45,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         fail(400, "send a JSON object as the request body")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        fail(400, f"malformed JSON: {exc}")
+        # Lone surrogates ("\\ud800") parse, but no UTF-8 store can keep them.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:  # also bad UTF-8, and integers past 4300 digits
+        fail(400, f"malformed JSON: {str(exc)[:200]}")
+    except RecursionError:
+        fail(400, "malformed JSON: nested too deeply")
     if not isinstance(body, dict):
         fail(422, "the request body must be a JSON object")
     return body

@@ -11,9 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+from twilio.request_validator import RequestValidator
 
 from hub.app import OUTBOX, create_app
-from hub.channels.twilio import TwilioHttpClient, build_client
+from hub.channels.twilio import TwilioHttpClient, WebhookVerifier, build_client
 from hub.config import parse_config
 from hub.model import DeliveryState
 from hub.timeline.sqlite import SqliteStore
@@ -47,6 +49,31 @@ def test_signature_is_twilios_documented_algorithm() -> None:
     payload = url + "".join(k + params[k] for k in sorted(params))
     digest = hmac.new(AUTH_TOKEN.encode(), payload.encode(), hashlib.sha1).digest()
     assert fake.sign(url, params) == base64.b64encode(digest).decode()
+
+
+def test_verifier_signs_as_the_official_validator() -> None:
+    """The verifier's own HMAC (its fast path) is RequestValidator's, repeated names and
+    values, duplicates, empty and non-ASCII values included."""
+    verifier = WebhookVerifier(AUTH_TOKEN, "https://hub.example.com")
+    validator = RequestValidator(AUTH_TOKEN)
+    url = "https://hub.example.com/twilio/sms/sms?x=1&y=%C3%A9"
+    form = MultiDictProxy(
+        MultiDict(
+            [
+                ("To", "+14155550100"),
+                ("MediaUrl0", "https://api.twilio.com/a"),
+                ("Body", "héllo ☃ 12"),
+                ("Body", "again"),
+                ("Body", "again"),
+                ("A", ""),
+                ("a", "z"),
+                ("From", "+2"),
+            ]
+        )
+    )
+    assert verifier.signature(url, form) == validator.compute_signature(url, form)
+    empty: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+    assert verifier.signature(url, empty) == validator.compute_signature(url, empty)
 
 
 async def test_signed_webhook_is_accepted(hub: Hub) -> None:
