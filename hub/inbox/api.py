@@ -45,7 +45,7 @@ from hub.inbox.inputs import (
     text_field,
 )
 from hub.inbox.openapi import openapi_document
-from hub.inbox.presence import PRESENCE_KEY, PresenceRegistry
+from hub.inbox.presence import PRESENCE_KEY, PresenceDetails, PresenceRegistry
 from hub.inbox.realtime import AgentSockets
 from hub.inbox.replies import (
     MAX_REPLY_CHARS,
@@ -714,10 +714,16 @@ async def _inbox_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     bus = app[BUS]
 
-    async def announce(agent_id: str, presence: Presence) -> None:
-        # The router and other agents learn presence from the bus, like everything else.
+    async def announce(agent_id: str, presence: Presence, details: PresenceDetails) -> None:
+        # The router and other agents learn presence from the bus, like everything else;
+        # `details` let the router weigh what each hub process says (hub/routing/cluster.py).
         await bus.publish(
-            [Signal(kind="presence", data={"agent_id": agent_id, "presence": presence.value})]
+            [
+                Signal(
+                    kind="presence",
+                    data={"agent_id": agent_id, "presence": presence.value, **details},
+                )
+            ]
         )
 
     tokens = TokenService(store, lambda agent_id: _find_agent(config, agent_id))

@@ -25,6 +25,7 @@ from hub.ids import is_id
 from hub.inbox.auth import Session, TokenService
 from hub.inbox.presence import PresenceRegistry
 from hub.model import DeliveryState, Event, event_to_dict
+from hub.routing.cluster import INTERNAL_SIGNALS
 from hub.timeline.store import StoreUnavailable, TimelineStore
 
 log = structlog.get_logger(__name__)
@@ -161,6 +162,8 @@ class AgentConnection:
                 return
             if item.kind in CLIENT_SIGNALS and item.data.get("agent_id") == self.session.agent.id:
                 return  # "you are viewing this" is noise, even from your other tab
+            if item.kind in INTERNAL_SIGNALS:
+                return  # the processes' own routing chatter, nothing an agent shows
             if item.kind in PERSONAL_SIGNALS and item.data.get("agent_id") != self.session.agent.id:
                 return  # an offer or a hand-over (with its timeline page) is one agent's business
             await self.send(signal_frame(item))
@@ -170,7 +173,7 @@ class AgentConnection:
     async def handle_text(self, text: str) -> None:
         try:
             message = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # integers past 4300 digits, deep nesting
             await self.send({"type": "error", "error": "frames must be JSON objects"})
             return
         if not isinstance(message, dict):
@@ -292,6 +295,9 @@ class AgentSockets:
         ws = web.WebSocketResponse(
             heartbeat=self.settings.heartbeat, max_msg_size=self.settings.max_message_bytes
         )
+        if not request.headers.get("Sec-WebSocket-Key", "").isascii():
+            # aiohttp's handshake base64-decodes the key and lets the ValueError escape.
+            raise web.HTTPBadRequest(text="Sec-WebSocket-Key is not base64")
         await ws.prepare(request)
         # Subscribe before saying hello: anything stored from here on reaches this socket
         # live, and anything before it is what `resume` is for.
@@ -357,7 +363,11 @@ class AgentSockets:
     async def _watch_token(self, conn: AgentConnection) -> None:
         while True:
             await asyncio.sleep(self.settings.recheck_seconds)
-            if await self._tokens.session(conn.session.token_digest) is None:
+            try:
+                session = await self._tokens.session(conn.session.token_digest)
+            except StoreUnavailable:
+                continue  # unknown is not signed out: check again next time
+            if session is None:
                 await conn.ws.close(code=CLOSE_SIGNED_OUT, message=b"signed out")
                 return
 
