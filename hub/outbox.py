@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 12
 LEASE = timedelta(seconds=60)
+# How long stop() lets sends already on their way finish. Cancelling one the provider has
+# accepted would leave it queued, and the next start would send it a second time.
+STOP_GRACE_SECONDS = 20.0
 
 
 def retry_delay(attempts: int) -> float:
@@ -70,22 +73,36 @@ class OutboxWorker:
         self._batch = batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def nudge(self) -> None:
         """Something was queued: look now instead of at the next poll."""
         self._wake.set()
 
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="outbox")
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Take no new work, let deliveries in progress finish (up to `grace` seconds,
+        then cancel them: those are sent again after their lease), and return."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 sent = await self.run_once()
             except StoreUnavailable as exc:
@@ -94,6 +111,8 @@ class OutboxWorker:
             except Exception:
                 log.exception("outbox.crashed_iteration")
                 sent = 0
+            if self._stopping:
+                break
             if sent >= self._batch:
                 continue
             self._wake.clear()

@@ -181,9 +181,13 @@ class EmailAdapter:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancel until it ends: on Python 3.11 a cancel that lands inside a library's
+            # own wait_for (a connect timing out) can be swallowed, and the loop goes on.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=2)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         if self._lease is not None:
             # Hand the mailbox over now rather than after the lease's TTL.
             with contextlib.suppress(Exception):

@@ -1,0 +1,1 @@
+"""Fault drills: each test ends with every acknowledged message stored exactly once."""
