@@ -379,7 +379,6 @@ def test_mime_arbitrary_headers(headers: list[tuple[str, str]], body: str) -> No
     parse_bounded((head + "\r\n" + body).encode("utf-8", errors="surrogateescape"))
 
 
-@pytest.mark.skipif(not EMAIL_FIXTURES, reason="no recorded mails")
 @scaled(3.0)
 @given(raw=mutated([path.read_bytes() for path in EMAIL_FIXTURES], MIME_TOKENS))
 def test_mime_mutated_real_mails(raw: bytes) -> None:

@@ -8,7 +8,6 @@ build; otherwise a second web chat channel plays that part.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ from hub.model import ChannelType, Identity, IdentityKind, Inbound, Recorded
 from hub.passwords import hash_password
 from hub.timeline.sqlite import SqliteStore
 
-HAS_SMS = importlib.util.find_spec("hub.channels.sms") is not None
-SECOND_CHANNEL = "sms" if HAS_SMS else "web2"
-SECOND_TYPE = ChannelType.SMS if HAS_SMS else ChannelType.WEBCHAT
+SECOND_CHANNEL = "sms"
+SECOND_TYPE = ChannelType.SMS
 
 # login -> (agent id, role, password)
 AGENTS: dict[str, tuple[str, str, str]] = {
@@ -49,11 +47,6 @@ _SECOND_CHANNEL_YAML = (
       auth_token: test-auth-token
       # Nothing listens there: an SMS reply stays queued/retrying, never leaves the box.
       api_base_url: http://127.0.0.1:9
-"""
-    if HAS_SMS
-    else """
-  - name: web2
-    type: webchat
 """
 )
 

@@ -13,7 +13,6 @@ from hub.bus import Signal
 from hub.inbox.openapi import registered_operations
 from hub.model import Event, Identity, IdentityKind, utcnow
 from tests.inbox.conftest import (
-    HAS_SMS,
     SECOND_CHANNEL,
     Customers,
     Tokens,
@@ -143,13 +142,10 @@ async def test_conversation_shows_the_whole_cross_channel_timeline(
     chat = await customers.chat("visitor-xchan1", "my order is late")
     conv = chat.conversation
     assert conv
-    if HAS_SMS:
-        await alice.post(
-            f"/api/v1/customers/{chat.customer.id}/identities", {"kind": "phone", "value": PHONE}
-        )
-        sms = await customers.second(Identity(IdentityKind.PHONE, PHONE), "any news?")
-    else:
-        sms = await customers.second(Identity(IdentityKind.CHAT, "visitor-xchan1"), "any news?")
+    await alice.post(
+        f"/api/v1/customers/{chat.customer.id}/identities", {"kind": "phone", "value": PHONE}
+    )
+    sms = await customers.second(Identity(IdentityKind.PHONE, PHONE), "any news?")
     # Omnichannel: the second channel continues the same customer and conversation.
     assert sms.customer.id == chat.customer.id
     assert sms.conversation and sms.conversation.id == conv.id
@@ -237,7 +233,6 @@ async def test_reply_is_queued_then_sent_by_the_outbox(
     assert isinstance(published[1], Signal) and published[1].kind == "conversation"
 
 
-@pytest.mark.skipif(not HAS_SMS, reason="needs the SMS adapter")
 async def test_reply_on_another_channel_needs_an_address_there(
     alice: Api, customers: Customers
 ) -> None:
