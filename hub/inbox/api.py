@@ -17,6 +17,8 @@ from aiohttp import web
 
 from hub.app import ADAPTERS, BUS, CONFIG, OUTBOX, STORE
 from hub.bus import BusItem, Signal
+from hub.channels.base import PermanentSendError, TemporarySendError
+from hub.channels.voice import VoiceAdapter
 from hub.config import Config
 from hub.identities import InvalidIdentity, normalize
 from hub.ids import is_id
@@ -50,6 +52,7 @@ from hub.inbox.realtime import AgentSockets
 from hub.inbox.replies import (
     MAX_REPLY_CHARS,
     ReplyRefused,
+    address_for,
     channel_type,
     choose_route,
     note_draft,
@@ -434,6 +437,36 @@ async def add_note(request: web.Request) -> web.Response:
     await _publish(request, recorded_items(recorded))
     log.info("inbox.note", conversation=conversation.id, event_id=recorded.event.id)
     return web.json_response({"event": event_to_dict(recorded.event)}, status=201)
+
+
+@routes.post("/api/v1/conversations/{id}/call-back")
+@requires(Role.AGENT)
+async def call_back(request: web.Request) -> web.Response:
+    """Ring the agent's phone; when they pick up, the customer is dialled."""
+    conversation = await _conversation(request)
+    body = await read_json(request)
+    only_keys(body, ("channel",))
+    requested = name_field(body, "channel")
+    voice = [
+        a
+        for name, a in request.app[ADAPTERS].items()
+        if isinstance(a, VoiceAdapter) and (requested is None or name == requested)
+    ]
+    if not voice:
+        fail(422, f"channel: no voice channel {requested!r}" if requested else "no voice channel")
+    customer = await _customer(request, conversation.customer_id)
+    phone = address_for(customer, IdentityKind.PHONE)
+    if phone is None:
+        fail(422, "the customer has no phone number: link one first")
+    agent = _session(request).agent
+    try:
+        call_sid = await voice[0].call_back(phone.value, agent, conversation_id=conversation.id)
+    except PermanentSendError as exc:
+        fail(422, str(exc))
+    except TemporarySendError as exc:
+        fail(503, f"the phone provider cannot be reached now: {exc}")
+    log.info("inbox.call_back", conversation=conversation.id, agent=agent.id, call_sid=call_sid)
+    return web.json_response({"call_sid": call_sid}, status=202)
 
 
 def _assign_target(request: web.Request, body: dict[str, Any]) -> tuple[str | None, str | None]:

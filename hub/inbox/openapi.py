@@ -312,6 +312,17 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "413": _err("text too long"),
         },
     },
+    ("POST", "/api/v1/conversations/{id}/call-back"): {
+        "summary": "Call the customer back: the agent's phone rings, then the customer's",
+        "parameters": [ID_PARAM],
+        "requestBody": _body(_obj((), channel={**STR, "description": "a voice channel"})),
+        "responses": {
+            "202": _ok("calling", _obj(("call_sid",), call_sid=STR)),
+            "404": _err("no such conversation"),
+            "422": _err("no voice channel, no customer phone, or no agent phone"),
+            "503": _err("the phone provider cannot be reached now"),
+        },
+    },
     ("POST", "/api/v1/conversations/{id}/assign"): {
         "summary": "Assign, transfer (another agent and/or queue) or unassign (null)",
         "parameters": [ID_PARAM],

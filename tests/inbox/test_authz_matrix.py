@@ -38,6 +38,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/conversations/{id}/read"): AGENT,
     ("POST", "/api/v1/conversations/{id}/replies"): AGENT,
     ("POST", "/api/v1/conversations/{id}/notes"): AGENT,
+    ("POST", "/api/v1/conversations/{id}/call-back"): AGENT,
     ("POST", "/api/v1/conversations/{id}/assign"): AGENT,
     ("POST", "/api/v1/conversations/{id}/status"): AGENT,
     ("PUT", "/api/v1/conversations/{id}/tags"): AGENT,

@@ -362,3 +362,34 @@ async def test_typed_reply_after_a_call_leaves_by_sms_to_the_caller(make_hub: Ma
     )
     assert refused.status == 422
     assert "voice line" in (await refused.json())["error"]
+
+
+async def test_agent_calls_the_customer_back_from_the_inbox(make_hub: MakeHub) -> None:
+    hub = await make_hub(inbox=True)
+    await hub.post_fixture("sms_inbound")
+    [message] = [e for e in await hub.customer_events() if e.kind is EventKind.MESSAGE]
+    login = await hub.client.post(
+        "/api/v1/auth/login", json={"login": "alice", "password": PASSWORD}
+    )
+    headers = {"Authorization": f"Bearer {(await login.json())['token']}"}
+    response = await hub.client.post(
+        f"/api/v1/conversations/{message.conversation_id}/call-back", json={}, headers=headers
+    )
+    assert response.status == 202, await response.text()
+    call_sid = (await response.json())["call_sid"]
+    # Twilio was asked to ring Alice first, then to connect her to this customer.
+    assert hub.fake.calls[call_sid].to == ALICE_PHONE
+    root = xml(await hub.fake.fetch_call_twiml(call_sid))
+    assert root.find("Dial/Number") is not None
+    assert root.find("Dial/Number").text == CUSTOMER  # type: ignore[union-attr]
+    # The call-back is noted on the conversation the agent called from.
+    callback = [e for e in await hub.customer_events() if e.kind is EventKind.CALL]
+    assert callback and callback[0].conversation_id == message.conversation_id
+    assert callback[0].author == "agent:alice"
+    # Twilio refusing is a clear 422 with its reason, not a 500.
+    hub.fake.fail_next(400, 21215, "Geo Permission configuration is not permitting call")
+    refused = await hub.client.post(
+        f"/api/v1/conversations/{message.conversation_id}/call-back", json={}, headers=headers
+    )
+    assert refused.status == 422
+    assert "21215" in (await refused.json())["error"]
