@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import random
-import secrets
 import socket
 import time
 from collections import defaultdict
@@ -70,6 +69,7 @@ from hub.model import (
     Recorded,
     iso,
 )
+from hub.shared_secret import shared_secret
 from hub.timeline.store import StoreError, TimelineStore
 
 log = structlog.get_logger(__name__)
@@ -240,14 +240,7 @@ class EmailAdapter:
 
     async def _token_secret(self) -> bytes:
         # Kept in the store, not the config: made once, shared by every hub process.
-        key = f"email.{self.name}.token_secret"
-        value = await self.store.get_state(key)
-        if value is None:
-            await self.store.set_state(key, secrets.token_hex(32))
-            # Read back: if two processes raced, both continue with the one that stayed.
-            value = await self.store.get_state(key)
-            assert value is not None
-        return bytes.fromhex(value)
+        return await shared_secret(self.store, f"email.{self.name}.token_secret")
 
     # --- the fetch loop ----------------------------------------------------------------
 

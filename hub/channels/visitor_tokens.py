@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from hub.identities import InvalidIdentity, normalize_visitor
+from hub.shared_secret import shared_secret
 from hub.timeline.store import TimelineStore
 
 SECRET_STATE_KEY = "webchat.secret"
@@ -112,18 +113,8 @@ class VisitorTokens:
 
 
 async def load_secret(store: TimelineStore) -> bytes:
-    """The hub-wide token secret, created on first use.
-
-    The store offers no compare-and-set, so two processes starting at the same instant
-    on an empty store could both write; re-reading after the write makes both adopt the
-    stored value in all but that narrow race.
-    """
-    stored = await store.get_state(SECRET_STATE_KEY)
-    if stored is None:
-        await store.set_state(SECRET_STATE_KEY, secrets.token_hex(32))
-        stored = await store.get_state(SECRET_STATE_KEY)
-        assert stored is not None  # we just wrote it
-    return bytes.fromhex(stored)
+    """The hub-wide token secret, created on first use and shared by every process."""
+    return await shared_secret(store, SECRET_STATE_KEY)
 
 
 def user_hash(identity_secret: str, value: str) -> str:
