@@ -20,15 +20,12 @@ import structlog
 from aiohttp import web
 from twilio.base import values
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.rest import Client
 from twilio.twiml.messaging_response import MessagingResponse
 
-from hub.channels.base import HubServices, PermanentSendError, SendResult
+from hub.channels.base import PermanentSendError, SendResult
 from hub.channels.twilio import (
     TWIML_CONTENT_TYPE,
-    TwilioHttpClient,
-    WebhookVerifier,
-    build_client,
+    TwilioChannel,
     describe_error,
     send_error,
 )
@@ -162,19 +159,13 @@ def empty_twiml() -> web.Response:
     return web.Response(body=_EMPTY_TWIML, content_type=TWIML_CONTENT_TYPE)
 
 
-class SmsAdapter:
+class SmsAdapter(TwilioChannel):
     type = ChannelType.SMS
+    channel: SmsChannel
 
     def __init__(self, channel: SmsChannel, config: Config) -> None:
-        self.name = channel.name
-        self.channel = channel
-        self._region = config.hub.default_region
-        self.verifier = WebhookVerifier(channel.twilio.auth_token, config.hub.public_url)
+        super().__init__(channel, config)
         self.status_callback_url = self.verifier.public(f"/twilio/{self.name}/sms/status")
-        self._services: HubServices | None = None
-        self._client: Client | None = None
-        self._http: TwilioHttpClient | None = None
-        self._log = log.bind(channel=self.name)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -182,27 +173,6 @@ class SmsAdapter:
         base = f"/twilio/{self.name}/sms"
         return [web.post(base, self.handle_sms), web.post(f"{base}/status", self.handle_status)]
 
-    async def start(self, services: HubServices) -> None:
-        self._services = services
-        twilio = self.channel.twilio
-        self._client, self._http = build_client(
-            twilio.account_sid, twilio.auth_token, twilio.api_base_url
-        )
-
-    async def stop(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-            self._client = None
-
-    def status(self) -> dict[str, Any]:
-        return {"ok": True, "phone_number": self.channel.phone_number}
-
-    @property
-    def services(self) -> HubServices:
-        if self._services is None:
-            raise web.HTTPServiceUnavailable(text="channel not started")
-        return self._services
 
     # --- inbound ---------------------------------------------------------------------
 

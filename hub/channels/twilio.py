@@ -28,7 +28,7 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from hub.channels.base import PermanentSendError, TemporarySendError
+from hub.channels.base import HubServices, PermanentSendError, TemporarySendError
 
 log = structlog.get_logger(__name__)
 
@@ -214,3 +214,40 @@ def send_error(exc: Exception, what: str) -> Exception:
     if status == 429 or status >= 500:
         return TemporarySendError(f"{what}: HTTP {status}, {reason}")
     return PermanentSendError(reason or f"{what}: HTTP {status}")
+
+
+class TwilioChannel:
+    """What the SMS and voice adapters share: the signature verifier, the REST client's
+    lifecycle and the started-services handle. Subclasses set `type` and their routes."""
+
+    def __init__(self, channel: Any, config: Any) -> None:
+        self.name: str = channel.name
+        self.channel = channel
+        self._region: str = config.hub.default_region
+        self.verifier = WebhookVerifier(channel.twilio.auth_token, config.hub.public_url)
+        self._services: HubServices | None = None
+        self._client: Client | None = None
+        self._http: TwilioHttpClient | None = None
+        self._log = log.bind(channel=self.name)
+
+    async def start(self, services: HubServices) -> None:
+        self._services = services
+        twilio = self.channel.twilio
+        self._client, self._http = build_client(
+            twilio.account_sid, twilio.auth_token, twilio.api_base_url
+        )
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+            self._client = None
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": True, "phone_number": self.channel.phone_number}
+
+    @property
+    def services(self) -> HubServices:
+        if self._services is None:
+            raise web.HTTPServiceUnavailable(text="channel not started")
+        return self._services

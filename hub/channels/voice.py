@@ -27,15 +27,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
-from hub.channels.base import HubServices, PermanentSendError, SendResult
+from hub.channels.base import PermanentSendError, SendResult
 from hub.channels.twilio import (
     TWIML_CONTENT_TYPE,
-    TwilioHttpClient,
-    WebhookVerifier,
-    build_client,
+    TwilioChannel,
     send_error,
 )
 from hub.identities import InvalidIdentity, normalize
@@ -113,19 +110,13 @@ def _int(form: Mapping[str, str], key: str) -> int:
         return 0
 
 
-class VoiceAdapter:
+class VoiceAdapter(TwilioChannel):
     type = ChannelType.VOICE
+    channel: VoiceChannel
 
     def __init__(self, channel: VoiceChannel, config: Config) -> None:
-        self.name = channel.name
-        self.channel = channel
+        super().__init__(channel, config)
         self._config = config
-        self._region = config.hub.default_region
-        self.verifier = WebhookVerifier(channel.twilio.auth_token, config.hub.public_url)
-        self._services: HubServices | None = None
-        self._client: Client | None = None
-        self._http: TwilioHttpClient | None = None
-        self._log = log.bind(channel=self.name)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -142,32 +133,11 @@ class VoiceAdapter:
             web.post(f"{base}/connect", self.handle_connect),
         ]
 
-    async def start(self, services: HubServices) -> None:
-        self._services = services
-        twilio = self.channel.twilio
-        self._client, self._http = build_client(
-            twilio.account_sid, twilio.auth_token, twilio.api_base_url
-        )
-
-    async def stop(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-            self._client = None
-
-    def status(self) -> dict[str, Any]:
-        return {"ok": True, "phone_number": self.channel.phone_number}
-
     async def send(self, outbound: Outbound) -> SendResult:
         raise PermanentSendError(
             "a voice channel cannot carry text; reply by SMS or call the customer back"
         )
 
-    @property
-    def services(self) -> HubServices:
-        if self._services is None:
-            raise web.HTTPServiceUnavailable(text="channel not started")
-        return self._services
 
     def url(self, path: str, **query: str) -> str:
         """Public URL of one of this channel's routes, as Twilio must call it."""
