@@ -59,9 +59,10 @@ from hub.timeline.sqlite_schema import (
     conversation_from_row,
     conversation_values,
     customer_from_rows,
+    dump_data,
     dump_json,
     event_from_row,
-    event_values,
+    event_row,
     migrate,
     opt_us,
     to_us,
@@ -105,6 +106,19 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
         return _unavailable(exc)
     return exc
+
+
+_FLAT_JSON_TYPES = (str, int, bool, type(None))
+
+
+def _as_read_back(data: Mapping[str, Any] | None, data_json: str | None) -> dict[str, Any]:
+    """`data` as reading `data_json` back will give it: a flat mapping of strings,
+    integers, booleans and None comes back equal, so it is copied rather than re-parsed."""
+    if data_json is None or data is None:
+        return {}
+    if all(type(k) is str and type(v) in _FLAT_JSON_TYPES for k, v in data.items()):
+        return dict(data)
+    return json.loads(data_json)  # type: ignore[no-any-return]
 
 
 # --- the writer thread ------------------------------------------------------------------
@@ -271,6 +285,9 @@ class _Writes:
         delivery_state: DeliveryState | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> Event:
+        # Dumped once, for the row and (unless it is flat) for the returned event, which
+        # must equal the one read back later.
+        data_json = dump_data(data) if data else None
         event = Event(
             id=self._ids.new(),
             customer_id=customer_id,
@@ -286,10 +303,9 @@ class _Writes:
             attachments=attachments,
             external_id=external_id,
             delivery_state=delivery_state,
-            # Round-tripped so the returned event equals the one read back later.
-            data=json.loads(dump_json(dict(data))) if data else {},
+            data=_as_read_back(data, data_json),
         )
-        conn.execute(_EVENT_INSERT, event_values(event))
+        conn.execute(_EVENT_INSERT, event_row(event, data_json))
         return event
 
     def _status_event(
@@ -365,10 +381,18 @@ class _Writes:
 
         now = utcnow()
         at = inbound.received_at or now
-        customer_id = _owner(conn, inbound.identity)
-        if customer_id is None:
+        customer = _owner_customer(conn, inbound.identity)
+        if customer is None:
             name = inbound.display_name or inbound.identity.value
-            customer_id = self._new_customer(conn, name, (inbound.identity,), (), now)
+            customer = Customer(
+                id=self._new_customer(conn, name, (inbound.identity,), (), now),
+                display_name=name,
+                identities=(inbound.identity,),
+                tags=(),
+                created_at=now,
+            )
+        # Nothing below changes the customer: it is returned as read (or written) here.
+        customer_id = customer.id
 
         active = _active(conn, customer_id)
         conv = active
@@ -404,6 +428,20 @@ class _Writes:
                 last_activity_at=at,
             )
             conn.execute(_CONVERSATION_INSERT, conversation_values(conv))
+        elif (
+            conv.status is ConversationStatus.OPEN
+            and conv.resolved_at is None
+            and conv.snoozed_until is None
+        ):
+            # Already open (the common case): only the channel and activity time move, so
+            # the indexes on status are left alone.
+            conv = replace(
+                conv, channel=inbound.channel, last_activity_at=max(conv.last_activity_at, at)
+            )
+            conn.execute(
+                "UPDATE conversations SET channel = ?, last_activity_at = ? WHERE id = ?",
+                (conv.channel, to_us(conv.last_activity_at), conv.id),
+            )
         else:
             if conv.status is not ConversationStatus.OPEN:
                 side.append(self._status_event(conn, conv, ConversationStatus.OPEN, SYSTEM, now))
@@ -442,7 +480,7 @@ class _Writes:
         return Recorded(
             event=event,
             conversation=conv,
-            customer=_require_customer(conn, customer_id),
+            customer=customer,
             created=True,
             side_events=tuple(side),
         )
@@ -895,6 +933,30 @@ def _owner(conn: Connection, identity: Identity) -> str | None:
     return None if row is None else _live(conn, row[0])
 
 
+_CUSTOMER_IDENTITIES = (
+    "SELECT kind, value, verified FROM identities WHERE customer_id = ? ORDER BY id"
+)
+_OWNER_ROW = (
+    "SELECT c.id, c.display_name, c.tags, c.created_at, c.merged_into "
+    "FROM identities i JOIN customers c ON c.id = i.customer_id "
+)
+_OWNER_VERIFIED = _OWNER_ROW + "WHERE i.kind = ? AND i.value = ? AND i.verified = 1"
+_OWNER_CLAIM = (
+    _OWNER_ROW + "WHERE i.kind = ? AND i.value = ? AND i.verified = 0 ORDER BY i.id LIMIT 1"
+)
+
+
+def _owner_customer(conn: Connection, identity: Identity) -> Customer | None:
+    """The customer `_owner` names, read along with the lookup (two queries, not four)."""
+    sql = _OWNER_VERIFIED if identity.verified else _OWNER_CLAIM
+    row = conn.execute(sql, (identity.kind.value, identity.value)).fetchone()
+    if row is None:
+        return None
+    if row[4] is not None:  # merged away: the live record is further along
+        return _require_customer(conn, _live(conn, row[4]))
+    return customer_from_rows(row, conn.execute(_CUSTOMER_IDENTITIES, (row[0],)))
+
+
 def _live(conn: Connection, customer_id: str) -> str:
     """Follow merged_into to the customer that is not merged away."""
     seen = {customer_id}
@@ -916,11 +978,7 @@ def _customer(conn: Connection, customer_id: str) -> Customer | None:
     ).fetchone()
     if row is None:
         return None
-    identities = conn.execute(
-        "SELECT kind, value, verified FROM identities WHERE customer_id = ? ORDER BY id",
-        (customer_id,),
-    )
-    return customer_from_rows(row, identities)
+    return customer_from_rows(row, conn.execute(_CUSTOMER_IDENTITIES, (customer_id,)))
 
 
 def _require_customer(conn: Connection, customer_id: str) -> Customer:

@@ -271,11 +271,16 @@ def load_attachments(text: str | None) -> tuple[Attachment, ...]:
 
 
 def load_tags(text: str) -> tuple[str, ...]:
-    return tuple(json.loads(text))
+    return () if text == "[]" else tuple(json.loads(text))
 
 
 def event_values(event: Event) -> tuple[Any, ...]:
     """The INSERT parameters for EVENT_COLUMNS, in that order."""
+    return event_row(event, dump_data(event.data))
+
+
+def event_row(event: Event, data_json: str | None) -> tuple[Any, ...]:
+    """`event_values` for an event whose data is already dumped (`dump_data`)."""
     return (
         event.id,
         event.customer_id,
@@ -292,7 +297,7 @@ def event_values(event: Event) -> tuple[Any, ...]:
         event.external_id,
         event.delivery_state.value if event.delivery_state else None,
         event.delivery_error,
-        dump_data(event.data),
+        data_json,
     )
 
 

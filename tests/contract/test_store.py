@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -180,6 +181,49 @@ async def test_inbound_keeps_content_attachments_and_data(store: TimelineStore) 
     assert stored.attachments == (att,)
     assert dict(stored.data) == {"subject": "Hi", "to": ["support@example.com"]}
     assert stored == rec.event
+
+
+async def test_inbound_returns_what_reads_give_back(store: TimelineStore) -> None:
+    """The customer, conversation and event a write returns are what reads return after
+    it, however the customer was found (new, known, by a claim, merged away) and whatever
+    the conversation did (opened, moved on, reopened)."""
+
+    async def check(rec: Recorded) -> None:
+        assert rec.created and rec.conversation is not None
+        assert await store.get_customer(rec.customer.id) == rec.customer
+        assert await store.get_conversation(rec.conversation.id) == rec.conversation
+        assert await store.get_event(rec.event.id) == rec.event
+        for side in rec.side_events:
+            assert await store.get_event(side.id) == side
+
+    first = await store.record_inbound(inbound(phone(40), data={"n": 1, "ok": True, "x": None}))
+    await check(first)
+    customer = first.customer
+    await store.link_identity(customer.id, email("known40"))
+    await store.set_customer_tags(customer.id, ("vip", "churn-risk"))
+    known = await store.record_inbound(
+        inbound(email("known40"), channel="mail", data={"to": ["a@example.com"], "n": 1.5})
+    )
+    await check(known)
+    assert known.customer.tags == ("vip", "churn-risk") and len(known.customer.identities) == 2
+    assert known.conversation == replace(
+        first.conversation, channel="mail", last_activity_at=known.event.created_at
+    )
+
+    await store.set_status(conv_id(known), PENDING, AGENT)
+    reopened = await store.record_inbound(inbound(phone(40)))
+    await check(reopened)
+    assert [e.kind for e in reopened.side_events] == [EventKind.STATUS]
+
+    # A claim left behind on a customer merged away resolves to the one it joined.
+    source = await store.create_customer("Source", (email("shared41", verified=False),))
+    target = await store.create_customer("Target", (phone(41), email("shared41", verified=False)))
+    await store.merge_customers(source.id, target.id, AGENT)
+    by_claim = await store.record_inbound(
+        inbound(email("shared41", verified=False), channel="chat")
+    )
+    await check(by_claim)
+    assert by_claim.customer.id == target.id
 
 
 async def test_same_identity_lands_on_same_customer_and_conversation(
