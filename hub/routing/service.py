@@ -87,6 +87,7 @@ from hub.routing.router import (
     Router,
 )
 from hub.routing.rules import WEBCHAT, Contact
+from hub.routing.state import Ticket
 from hub.routing.timeline_summary import assigned_signal
 from hub.timeline.store import NotFound, StoreError, StoreUnavailable, TimelineStore
 
@@ -657,6 +658,19 @@ class RoutingService:
                     # Decided but maybe not recorded: start again from the store.
                     self._stale = True
 
+    async def _announce(self, kind: str, ticket: Ticket, **data: Any) -> None:
+        """Publish a routing signal about one conversation (data carries its id too)."""
+        await self.bus.publish(
+            [
+                Signal(
+                    kind=kind,
+                    conversation_id=ticket.conversation_id,
+                    customer_id=ticket.customer_id,
+                    data={"conversation_id": ticket.conversation_id, **data},
+                )
+            ]
+        )
+
     async def _carry_out(self, effect: Effect) -> None:
         # A deposed leader's decision may clash with the new leader's: drop it.
         self._check_leader()
@@ -672,20 +686,12 @@ class RoutingService:
                 queue=ticket.queue,
             )
             expires = datetime.fromtimestamp(effect.expires_at, UTC)
-            await self.bus.publish(
-                [
-                    Signal(
-                        kind="offer",
-                        conversation_id=ticket.conversation_id,
-                        customer_id=ticket.customer_id,
-                        data={
-                            "agent_id": effect.agent_id,
-                            "conversation_id": ticket.conversation_id,
-                            "queue": ticket.queue,
-                            "expires_at": iso(expires),
-                        },
-                    )
-                ]
+            await self._announce(
+                "offer",
+                ticket,
+                agent_id=effect.agent_id,
+                queue=ticket.queue,
+                expires_at=iso(expires),
             )
         elif isinstance(effect, OfferEnded):
             ticket = effect.ticket
@@ -695,19 +701,8 @@ class RoutingService:
                 agent=effect.agent_id,
                 reason=effect.reason,
             )
-            await self.bus.publish(
-                [
-                    Signal(
-                        kind="offer_ended",
-                        conversation_id=ticket.conversation_id,
-                        customer_id=ticket.customer_id,
-                        data={
-                            "agent_id": effect.agent_id,
-                            "conversation_id": ticket.conversation_id,
-                            "reason": effect.reason,
-                        },
-                    )
-                ]
+            await self._announce(
+                "offer_ended", ticket, agent_id=effect.agent_id, reason=effect.reason
             )
         elif isinstance(effect, Queued):
             await self._queued(effect)
@@ -722,19 +717,8 @@ class RoutingService:
                 from_queue=effect.from_queue,
                 to_queue=effect.to_queue,
             )
-            await self.bus.publish(
-                [
-                    Signal(
-                        kind="escalated",
-                        conversation_id=ticket.conversation_id,
-                        customer_id=ticket.customer_id,
-                        data={
-                            "conversation_id": ticket.conversation_id,
-                            "from_queue": effect.from_queue,
-                            "to_queue": effect.to_queue,
-                        },
-                    )
-                ]
+            await self._announce(
+                "escalated", ticket, from_queue=effect.from_queue, to_queue=effect.to_queue
             )
         elif isinstance(effect, RequeueDue):
             for conv_id in effect.conversation_ids:
