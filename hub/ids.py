@@ -24,6 +24,13 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
+def _decode(value: str) -> int:
+    n = 0
+    for ch in value:
+        n = n * 32 + _ALPHABET.index(ch)
+    return n
+
+
 class IdGenerator:
     """Monotonic ULID generator; thread-safe because the SQLite writer mints ids in a thread."""
 
@@ -31,6 +38,14 @@ class IdGenerator:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_random = 0
+
+    def continue_after(self, last_id: str) -> None:
+        """Mint only ids greater than `last_id` (one minted by an earlier generator)."""
+        value = _decode(last_id)
+        with self._lock:
+            self._last_ms = max(self._last_ms, value >> _RANDOM_BITS)
+            if self._last_ms == value >> _RANDOM_BITS:
+                self._last_random = max(self._last_random, value & _RANDOM_MAX)
 
     def new(self, now_ms: int | None = None) -> str:
         with self._lock:
@@ -60,10 +75,7 @@ def new_id() -> str:
 
 def id_time_ms(value: str) -> int:
     """The millisecond timestamp inside an id."""
-    n = 0
-    for ch in value[:10]:
-        n = n * 32 + _ALPHABET.index(ch)
-    return n
+    return _decode(value[:10])
 
 
 def is_id(value: str) -> bool:

@@ -33,6 +33,4 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     # aiohttp's access log and library warnings go through the stdlib logger.
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=stream, format="%(message)s"
-    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream, format="%(message)s")

@@ -7,8 +7,10 @@ look inside the SQLite file and the writer thread.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
-import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -156,19 +158,24 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
 # --- connection settings ----------------------------------------------------------------
 
 
-async def test_durability_settings_are_in_force(store: SqliteStore) -> None:
-    def settings(conn: sqlite3.Connection) -> dict[str, object]:
-        names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
-        return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+def _settings(conn: sqlite3.Connection) -> dict[str, object]:
+    names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
 
-    writer = await store._write(settings)
+
+def _writer_settings(writes: object, conn: sqlite3.Connection) -> dict[str, object]:
+    return _settings(conn)  # runs in the writer process, on its connection
+
+
+async def test_durability_settings_are_in_force(store: SqliteStore) -> None:
+    writer = await store._write(_writer_settings)
     assert writer == {
         "journal_mode": "wal",
         "synchronous": 2,  # FULL
         "foreign_keys": 1,
         "busy_timeout": sqlite_schema.BUSY_TIMEOUT_MS,
     }
-    reader = await store._read(settings)
+    reader = await store._read(_settings)
     assert reader["journal_mode"] == "wal" and reader["busy_timeout"] > 0
 
 
@@ -244,23 +251,35 @@ async def test_closed_store_is_unavailable(tmp_path: Path) -> None:
 # --- the writer thread: group commit and isolation of failures -------------------------
 
 
-async def _hold_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Task[object]]:
-    """Park the writer inside a batch so that the next writes queue up into one batch."""
-    entered, release = threading.Event(), threading.Event()
+def _park(writes: object, conn: sqlite3.Connection, entered: str, release: str) -> None:
+    # Runs in the writer process: files are the signals that cross to the test.
+    Path(entered).touch()
+    deadline = time.monotonic() + 10
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
-    def park(conn: sqlite3.Connection) -> None:
-        entered.set()
-        release.wait(10)
 
-    task = asyncio.create_task(store._write(park))
-    assert await asyncio.to_thread(entered.wait, 10)
+def _fails_after_writing(writes: object, conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO state (key, value) VALUES ('half', 'written')")
+    raise ValueError("boom")
+
+
+async def _hold_writer(store: SqliteStore, tmp_path: Path) -> tuple[Path, asyncio.Task[object]]:
+    """Park the writer inside a batch so that the next writes queue up into one batch;
+    touching the returned path lets it go on."""
+    entered, release = tmp_path / "parked", tmp_path / "release"
+    task = asyncio.create_task(store._write(_park, str(entered), str(release)))
+    deadline = time.monotonic() + 10
+    while not entered.exists():
+        assert time.monotonic() < deadline, "the writer never started the parked write"
+        await asyncio.sleep(0.005)
     return release, task
 
 
 async def test_a_failing_write_rolls_back_alone_within_its_batch(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    release, parked = await _hold_writer(store)
+    release, parked = await _hold_writer(store, tmp_path)
     batch_sizes: list[int] = []
     commit = _Writer._commit
 
@@ -270,19 +289,15 @@ async def test_a_failing_write_rolls_back_alone_within_its_batch(
 
     monkeypatch.setattr(_Writer, "_commit", counting_commit)
 
-    def fails_after_writing(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO state (key, value) VALUES ('half', 'written')")
-        raise ValueError("boom")
-
     before = asyncio.create_task(store.set_state("before", "1"))
     customer = asyncio.create_task(store.create_customer("Ok", ()))
-    failing = asyncio.create_task(store._write(fails_after_writing))
+    failing = asyncio.create_task(store._write(_fails_after_writing))
     number = Identity(IdentityKind.PHONE, "+12025550001")
     owner = asyncio.create_task(store.create_customer("Owner", (number,)))
     conflict = asyncio.create_task(store.create_customer("Dup", (number,)))
     after = asyncio.create_task(store.set_state("after", "1"))
     await asyncio.sleep(0.05)  # let every task enqueue behind the parked writer
-    release.set()
+    release.touch()
     await parked
 
     await before
@@ -302,14 +317,16 @@ async def test_a_failing_write_rolls_back_alone_within_its_batch(
     assert batch_sizes == [6]  # all of them shared one transaction
 
 
-async def test_the_event_loop_runs_while_the_writer_is_busy(store: SqliteStore) -> None:
-    release, parked = await _hold_writer(store)
+async def test_the_event_loop_runs_while_the_writer_is_busy(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    release, parked = await _hold_writer(store, tmp_path)
     try:
         # Timers fire and reads are served while a write batch is in progress.
         await asyncio.wait_for(asyncio.sleep(0.01), timeout=1)
         assert await asyncio.wait_for(store.get_state("nothing"), timeout=5) is None
     finally:
-        release.set()
+        release.touch()
         await parked
 
 
@@ -336,3 +353,80 @@ async def test_ids_follow_commit_order(store: SqliteStore) -> None:
     events = await store.events_after(results[0].conversation.id, None)
     # Read back oldest first, by id: the same order the writes were applied (queued) in.
     assert [e.external_id for e in events] == [f"SM-o{n}" for n in range(100)]
+
+
+# --- the writer process: killed, restarted, stopped --------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_writes_survive_the_writer_process_being_killed(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    before = await store.record_inbound(sms(1, "SM-before-kill"))
+    pid = store.writer_pid
+    assert pid is not None and pid != os.getpid()
+
+    # Killed in the middle of a batch: the write in flight is refused, not acknowledged.
+    _, parked = await _hold_writer(store, tmp_path)
+    in_flight = asyncio.create_task(store.record_inbound(sms(2, "SM-in-flight")))
+    await asyncio.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(StoreUnavailable):
+        await parked
+    with pytest.raises(StoreUnavailable):
+        await in_flight
+    with pytest.raises(StoreUnavailable, match="writer"):
+        await store.ping()
+
+    # A new writer takes over on the next write (after a short back-off).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            after = await store.record_inbound(sms(1, "SM-after-kill"))
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "no writer came back"
+            await asyncio.sleep(0.1)
+    new_pid = store.writer_pid
+    assert new_pid is not None and new_pid != pid
+    await store.ping()
+    assert await store.get_event(before.event.id) == before.event
+    # The refused one was never stored; the provider's redelivery stores it once.
+    assert await store.find_event("sms", "SM-in-flight") is None
+    again = await store.record_inbound(sms(2, "SM-in-flight"))
+    assert again.created
+    # Ids minted by the new writer still sort after the old writer's.
+    assert before.event.id < after.event.id < again.event.id
+    assert after.conversation is not None and before.conversation is not None
+    assert after.conversation.id == before.conversation.id
+
+
+async def test_close_waits_for_the_writer_to_finish_and_exit(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "hub.db")
+    await store.start()
+    pid = store.writer_pid
+    assert pid is not None
+    writes = [asyncio.create_task(store.record_inbound(sms(n, f"SM-c{n}"))) for n in range(50)]
+    await asyncio.sleep(0)  # queued before close
+    await store.close()
+    assert all(task.done() for task in writes)
+    stored = [task.result() for task in writes if not task.exception()]
+    assert len(stored) == 50  # close flushed everything accepted before it
+    deadline = time.monotonic() + 5
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the writer process outlived close()"
+        await asyncio.sleep(0.02)
+    reopened = SqliteStore(tmp_path / "hub.db")
+    await reopened.start()
+    try:
+        for recorded in stored[::10]:
+            assert await reopened.get_event(recorded.event.id) == recorded.event
+    finally:
+        await reopened.close()

@@ -173,7 +173,6 @@ class SmsAdapter(TwilioChannel):
         base = f"/twilio/{self.name}/sms"
         return [web.post(base, self.handle_sms), web.post(f"{base}/status", self.handle_status)]
 
-
     # --- inbound ---------------------------------------------------------------------
 
     async def handle_sms(self, request: web.Request) -> web.StreamResponse:

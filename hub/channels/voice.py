@@ -138,7 +138,6 @@ class VoiceAdapter(TwilioChannel):
             "a voice channel cannot carry text; reply by SMS or call the customer back"
         )
 
-
     def url(self, path: str, **query: str) -> str:
         """Public URL of one of this channel's routes, as Twilio must call it."""
         url = self.verifier.public(f"/twilio/{self.name}/voice{path}")

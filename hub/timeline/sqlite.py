@@ -1,14 +1,15 @@
 """The embedded timeline store: one SQLite file in WAL mode, zero set-up.
 
-Threads, and why:
-- One writer thread owns the only write connection. Writes are closures put on a queue;
-  the thread takes everything pending at once and commits it as one transaction (group
-  commit), each closure inside its own SAVEPOINT so one failing write rolls back alone.
-  One fsync then acknowledges many writes, which is what lets concurrent webhooks
-  outrun a one-commit-per-write loop. Futures are resolved only after COMMIT returned:
-  an acknowledged write is durable.
-- Ids are minted inside the writer thread, in the order writes are applied, so the
-  order of event ids is the commit order and "events after id X" never misses one.
+Processes and threads, and why:
+- One writer process owns the only write connection (hub/timeline/sqlite_writer.py says
+  why a process). Writes are (function, arguments) pairs put on a queue; one submitting
+  thread takes everything pending at once and sends it as one batch, which the writer
+  commits as one transaction (group commit), each write inside its own SAVEPOINT so one
+  failing write rolls back alone. One fsync then acknowledges many writes, which is what
+  lets concurrent webhooks outrun a one-commit-per-write loop. Futures are resolved only
+  after COMMIT returned: an acknowledged write is durable.
+- Ids are minted inside the writer, in the order writes are applied, so the order of
+  event ids is the commit order and "events after id X" never misses one.
 - Reads run on a few reader threads, each with its own connection; WAL lets them read
   while the writer writes. A read started after a write was acknowledged sees it.
 """
@@ -67,6 +68,7 @@ from hub.timeline.sqlite_schema import (
     opt_us,
     to_us,
 )
+from hub.timeline.sqlite_writer import WriteFn, WriterProcess, translate
 from hub.timeline.store import (
     IdentityConflict,
     InvalidOperation,
@@ -94,20 +96,6 @@ _E = ", ".join(f"e.{c.strip()}" for c in EVENT_COLUMNS.split(","))
 _C = ", ".join(f"c.{c.strip()}" for c in CONVERSATION_COLUMNS.split(","))
 
 
-def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
-    error = StoreUnavailable(f"SQLite error: {exc}")
-    error.__cause__ = exc
-    return error
-
-
-def _translate(exc: Exception) -> Exception:
-    # Constraint violations are bugs or caller errors and keep their type; anything else
-    # from SQLite (I/O error, disk full, locked) means the store cannot serve right now.
-    if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
-        return _unavailable(exc)
-    return exc
-
-
 _FLAT_JSON_TYPES = (str, int, bool, type(None))
 
 
@@ -121,12 +109,13 @@ def _as_read_back(data: Mapping[str, Any] | None, data_json: str | None) -> dict
     return json.loads(data_json)  # type: ignore[no-any-return]
 
 
-# --- the writer thread ------------------------------------------------------------------
+# --- the submitting thread ---------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Op:
-    fn: Callable[[Connection], Any]
+    fn: WriteFn  # fn(writes, conn, *args), run in the writer process
+    args: tuple[Any, ...]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     result: Any = None
@@ -144,10 +133,14 @@ def _settle(ops: list[_Op]) -> None:
 
 
 class _Writer:
-    """The one thread that writes; see the module docstring for the batching contract."""
+    """The one thread that hands batches to the writer process and settles their futures.
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    It only waits on the pipe (the GIL is free meanwhile): one send and one receive per
+    batch, however many writes the batch holds.
+    """
+
+    def __init__(self, process: WriterProcess) -> None:
+        self._process = process
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="hub-sqlite-writer", daemon=True)
 
@@ -155,13 +148,17 @@ class _Writer:
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._process.alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def submit(self, op: _Op) -> None:
         self._queue.put(op)
 
     def stop(self) -> None:
-        """Finish everything queued so far, then close the connection (blocks)."""
+        """Finish everything queued so far, then stop the writer process (blocks)."""
         self._queue.put(None)
         self._thread.join()
 
@@ -185,7 +182,7 @@ class _Writer:
                 if batch:
                     self._commit(batch)
         finally:
-            self._conn.close()
+            self._process.stop()
             self._fail_leftovers()
 
     def _fail_leftovers(self) -> None:
@@ -202,36 +199,18 @@ class _Writer:
         self._resolve(leftovers)
 
     def _commit(self, batch: list[_Op]) -> None:
-        conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            outcomes = self._process.apply([(op.fn, op.args) for op in batch])
+        except StoreUnavailable as exc:
             for op in batch:
-                self._apply(conn, op)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # The transaction as a whole is lost, including ops that had succeeded in it.
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            failure = _unavailable(exc)
+                op.error = exc
+        except Exception as exc:  # a write whose arguments do not pickle: a bug, told
             for op in batch:
-                op.result, op.error = None, failure
+                op.error = exc
+        else:
+            for op, (result, error) in zip(batch, outcomes, strict=True):
+                op.result, op.error = result, error
         self._resolve(batch)
-
-    @staticmethod
-    def _apply(conn: Connection, op: _Op) -> None:
-        conn.execute("SAVEPOINT op")
-        try:
-            op.result = op.fn(conn)
-        except Exception as exc:
-            if not conn.in_transaction:
-                # SQLite already rolled back the whole transaction (e.g. disk full).
-                raise sqlite3.OperationalError(f"transaction aborted: {exc}") from exc
-            conn.execute("ROLLBACK TO op")
-            op.error = _translate(exc)
-        conn.execute("RELEASE op")
 
     @staticmethod
     def _resolve(ops: list[_Op]) -> None:
@@ -243,6 +222,45 @@ class _Writer:
                 loop.call_soon_threadsafe(_settle, group)
             except RuntimeError:
                 pass  # that event loop is closed: nobody is waiting any more
+
+
+def prepare_file(path: Path) -> None:
+    """Create the file or bring its schema up to date (run before the writer starts)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(path, writer=True)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+    try:
+        migrate(conn, path)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot prepare the schema of {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def open_writes(path: Path) -> tuple[Connection, _Writes]:
+    """The write connection and the writes bound to it; run in the writer process.
+
+    Ids continue after the newest one on file, so a restarted writer keeps them in
+    commit order.
+    """
+    try:
+        conn = connect(path, writer=True)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+    try:
+        newest = conn.execute(
+            "SELECT max(id) FROM (SELECT max(id) AS id FROM events "
+            "UNION ALL SELECT max(id) FROM customers UNION ALL SELECT max(id) FROM conversations)"
+        ).fetchone()[0]
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
+    ids = IdGenerator()
+    if newest:
+        ids.continue_after(newest)
+    return conn, _Writes(ids)
 
 
 # --- write operations (run on the writer thread, inside the batch transaction) ----------
@@ -1195,9 +1213,8 @@ def _get_state(conn: Connection, key: str) -> str | None:
 class SqliteStore:
     """The TimelineStore on one SQLite file; see the module docstring for its threads."""
 
-    def __init__(self, path: Path, *, id_generator: IdGenerator | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._writes = _Writes(id_generator or IdGenerator())
         self._writer: _Writer | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -1214,28 +1231,14 @@ class SqliteStore:
             return
         if self._closed:
             raise StoreUnavailable("the store was closed; make a new one")
-        conn = await asyncio.to_thread(self._open_writer)
-        self._writer = _Writer(conn)
+        await asyncio.to_thread(prepare_file, self.path)
+        process = WriterProcess(self.path)
+        await asyncio.to_thread(process.start)
+        self._writer = _Writer(process)
         self._writer.start()
         self._readers = ThreadPoolExecutor(
             max_workers=READER_THREADS, thread_name_prefix="hub-sqlite-reader"
         )
-
-    def _open_writer(self) -> Connection:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path, writer=True)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        try:
-            migrate(conn, self.path)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreUnavailable(f"cannot prepare the schema of {self.path}: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     async def close(self) -> None:
         if self._closed:
@@ -1251,6 +1254,12 @@ class SqliteStore:
                 conn.close()
             self._reader_conns.clear()
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the writer process, while one runs (operators see it in
+        `ps` as a second `python -m hub.timeline.sqlite_writer`)."""
+        return None if self._writer is None else self._writer.pid
+
     async def ping(self) -> None:
         if self._writer is None or not self._writer.alive():
             raise StoreUnavailable("the SQLite writer is not running")
@@ -1263,12 +1272,14 @@ class SqliteStore:
             "the store is closed" if self._closed else "the store is not started"
         )
 
-    async def _write(self, fn: Callable[[Connection], T]) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(writes, conn, *args) in the writer process; a module-level function (it is
+        pickled by name) and picklable arguments."""
         if self._writer is None or self._closed:
             raise self._refuse()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._writer.submit(_Op(fn, loop, future))
+        self._writer.submit(_Op(fn, args, loop, future))
         return await future
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
@@ -1287,7 +1298,7 @@ class SqliteStore:
                     self._reader_conns.append(conn)
             return fn(conn)
         except sqlite3.Error as exc:
-            translated = _translate(exc)
+            translated = translate(exc)
             if translated is exc:
                 raise
             raise translated from exc
@@ -1295,7 +1306,7 @@ class SqliteStore:
     # --- ingest ---
 
     async def record_inbound(self, inbound: Inbound) -> Recorded:
-        return await self._write(lambda conn: self._writes.record_inbound(conn, inbound))
+        return await self._write(_Writes.record_inbound, inbound)
 
     # --- customers ---
 
@@ -1308,29 +1319,19 @@ class SqliteStore:
     async def create_customer(
         self, display_name: str, identities: tuple[Identity, ...] = (), tags: tuple[str, ...] = ()
     ) -> Customer:
-        return await self._write(
-            lambda conn: self._writes.create_customer(conn, display_name, identities, tags)
-        )
+        return await self._write(_Writes.create_customer, display_name, identities, tags)
 
     async def link_identity(self, customer_id: str, identity: Identity) -> Customer:
-        return await self._write(
-            lambda conn: self._writes.link_identity(conn, customer_id, identity)
-        )
+        return await self._write(_Writes.link_identity, customer_id, identity)
 
     async def set_customer_tags(self, customer_id: str, tags: tuple[str, ...]) -> Customer:
-        return await self._write(
-            lambda conn: self._writes.set_customer_tags(conn, customer_id, tags)
-        )
+        return await self._write(_Writes.set_customer_tags, customer_id, tags)
 
     async def merge_customers(self, source_id: str, target_id: str, actor: str) -> Recorded:
-        return await self._write(
-            lambda conn: self._writes.merge_customers(conn, source_id, target_id, actor)
-        )
+        return await self._write(_Writes.merge_customers, source_id, target_id, actor)
 
     async def unmerge_customers(self, source_id: str, actor: str) -> Recorded:
-        return await self._write(
-            lambda conn: self._writes.unmerge_customers(conn, source_id, actor)
-        )
+        return await self._write(_Writes.unmerge_customers, source_id, actor)
 
     # --- conversations ---
 
@@ -1352,11 +1353,7 @@ class SqliteStore:
         actor: str,
         snoozed_until: datetime | None = None,
     ) -> Recorded:
-        return await self._write(
-            lambda conn: self._writes.set_status(
-                conn, conversation_id, status, actor, snoozed_until
-            )
-        )
+        return await self._write(_Writes.set_status, conversation_id, status, actor, snoozed_until)
 
     async def assign(
         self,
@@ -1365,19 +1362,15 @@ class SqliteStore:
         actor: str,
         queue: str | None = None,
     ) -> Recorded:
-        return await self._write(
-            lambda conn: self._writes.assign(conn, conversation_id, agent_id, actor, queue)
-        )
+        return await self._write(_Writes.assign, conversation_id, agent_id, actor, queue)
 
     async def set_conversation_tags(
         self, conversation_id: str, tags: tuple[str, ...]
     ) -> Conversation:
-        return await self._write(
-            lambda conn: self._writes.set_conversation_tags(conn, conversation_id, tags)
-        )
+        return await self._write(_Writes.set_conversation_tags, conversation_id, tags)
 
     async def append(self, conversation_id: str, draft: EventDraft) -> Recorded:
-        return await self._write(lambda conn: self._writes.append(conn, conversation_id, draft))
+        return await self._write(_Writes.append, conversation_id, draft)
 
     # --- timeline ---
 
@@ -1409,7 +1402,7 @@ class SqliteStore:
     # --- outbox ---
 
     async def claim_outbound(self, now: datetime, limit: int, lease: timedelta) -> list[OutboxItem]:
-        return await self._write(lambda conn: self._writes.claim_outbound(conn, now, limit, lease))
+        return await self._write(_Writes.claim_outbound, now, limit, lease)
 
     async def record_delivery(
         self,
@@ -1422,9 +1415,7 @@ class SqliteStore:
         attempts: int | None = None,
     ) -> Event:
         return await self._write(
-            lambda conn: self._writes.record_delivery(
-                conn, event_id, state, error, provider_id, retry_at, attempts
-            )
+            _Writes.record_delivery, event_id, state, error, provider_id, retry_at, attempts
         )
 
     # --- channel state ---
@@ -1436,4 +1427,4 @@ class SqliteStore:
         return await self._read(lambda conn: _get_state(conn, key))
 
     async def set_state(self, key: str, value: str) -> None:
-        await self._write(lambda conn: self._writes.set_state(conn, key, value))
+        await self._write(_Writes.set_state, key, value)

@@ -49,6 +49,11 @@ class IdentityConflict(StoreError):
         self.identity = identity
         self.owner_id = owner_id
 
+    def __reduce__(self) -> tuple[type[IdentityConflict], tuple[Identity, str]]:
+        # Rebuilt from its fields, not its message: it crosses from the SQLite writer
+        # process by pickle.
+        return (IdentityConflict, (self.identity, self.owner_id))
+
 
 class InvalidOperation(StoreError):
     """A request that contradicts the stored state (merge a customer into itself...)."""
@@ -263,9 +268,7 @@ class TimelineStore(Protocol):
 
     # --- outbox ----------------------------------------------------------------------
 
-    async def claim_outbound(
-        self, now: datetime, limit: int, lease: timedelta
-    ) -> list[OutboxItem]:
+    async def claim_outbound(self, now: datetime, limit: int, lease: timedelta) -> list[OutboxItem]:
         """Queued outbound events due at `now`, oldest first, each leased until now+lease
         so a concurrent claimer skips them; a crashed sender's lease simply expires.
 
