@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +115,41 @@ def rss_kib(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (from /proc/PID/stat).
+    """User + system CPU time a process and its live descendants have used so far (from
+    /proc/PID/stat): the hub's SQLite writer is a child process, and its work counts.
 
     Less sensitive to other tenants of a shared machine than latency or throughput: a
     server's CPU time per request is what it costs, however long it waited for a core.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for one in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children...)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in children:
+                found.append(int(child))
+                stack.append(int(child))
+    return found
 
 
 class Server:
@@ -386,6 +415,230 @@ class HttpPool:
             if conn.transport is not None:
                 conn.transport.close()
         self._idle.clear()
+
+
+class _SenderConn(asyncio.Protocol):
+    """One keep-alive connection of an OpenLoopSender: one request in flight at a time."""
+
+    def __init__(self, sender: OpenLoopSender) -> None:
+        self.sender = sender
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.index = -1  # the request in flight, or -1
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.index >= 0:
+            index, self.index = self.index, -1
+            self.sender._failed(index, f"connection lost: {exc or 'closed by peer'}")
+        self.sender._lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer + data if self.buffer else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self.buffer = buf
+            return
+        head = buf[:end].lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            self.buffer = b""
+            self._abort("a response without Content-Length")
+            return
+        stop = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : stop if stop > 0 else len(head)])
+        total = end + 4 + length
+        if len(buf) < total:
+            self.buffer = buf
+            return
+        self.buffer = buf[total:]
+        status = int(buf[9:12])
+        index, self.index = self.index, -1
+        if b"\r\nconnection: close" in head:
+            self._abort("")
+        if index >= 0:
+            self.sender._answered(self, index, status, buf[end + 4 : total])
+
+    def _abort(self, reason: str) -> None:
+        if self.index >= 0 and reason:
+            index, self.index = self.index, -1
+            self.sender._failed(index, reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class SendOutcome:
+    """What one open-loop run saw: latencies of answered requests (from their scheduled
+    time), the statuses, and how late the schedule itself ran."""
+
+    latencies: list[float]
+    statuses: list[int]  # per request; 0 = no answer (error)
+    errors: int
+    first_error: str
+    send_lag: float
+
+
+class OpenLoopSender:
+    """Sends pre-built HTTP/1.1 requests on a fixed schedule over keep-alive connections.
+
+    Lean on purpose (no task or future per request): the generator shares the machine
+    with the server it measures, so every microsecond it spends is one the server under
+    test does not get. Requests due while every connection is busy wait in a queue; their
+    latency still counts from the scheduled time.
+    """
+
+    def __init__(self, host: str, port: int, *, max_conns: int = 512, timeout: float = 10.0):
+        self.host = host
+        self.port = port
+        self.max_conns = max_conns
+        self.timeout = timeout
+        self._idle: list[_SenderConn] = []
+        self._all: set[_SenderConn] = set()
+        self._opening = 0
+        self._queue: collections.deque[int] = collections.deque()
+        self._requests: list[bytes] = []
+        self._scheduled: list[float] = []
+        self._sent_at: dict[int, float] = {}
+        self._outcome = SendOutcome([], [], 0, "", 0.0)
+        self._remaining = 0
+        self._finished: asyncio.Future[None] | None = None
+
+    async def open(self, count: int) -> None:
+        """Open `count` connections ahead of time (opening them costs the server too)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(min(count, self.max_conns) - len(self._all)):
+            _, conn = await loop.create_connection(lambda: _SenderConn(self), self.host, self.port)
+            self._all.add(conn)
+            self._idle.append(conn)
+
+    async def run(self, requests: list[bytes], rate: float) -> SendOutcome:
+        loop = asyncio.get_running_loop()
+        count = len(requests)
+        self._requests = requests
+        self._scheduled = [0.0] * count
+        self._sent_at = {}
+        self._outcome = SendOutcome([], [0] * count, 0, "", 0.0)
+        self._remaining = count
+        self._finished = loop.create_future()
+        watchdog = loop.create_task(self._expire())
+        interval = 1.0 / rate
+        start = time.perf_counter() + 0.05
+        i = 0
+        now = start
+        while i < count:
+            due = start + i * interval
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+                now = time.perf_counter()
+            while i < count and start + i * interval <= now:
+                self._scheduled[i] = start + i * interval
+                self._send(i)
+                i += 1
+        self._outcome.send_lag = now - (start + (count - 1) * interval)
+        try:
+            if self._remaining:
+                await self._finished
+        finally:
+            watchdog.cancel()
+        return self._outcome
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._all.clear()
+        self._idle.clear()
+
+    # --- internals ---
+
+    def _send(self, index: int) -> None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and conn.transport is not None:
+                conn.index = index
+                self._sent_at[index] = time.perf_counter()
+                conn.transport.write(self._requests[index])
+                return
+        self._queue.append(index)
+        if len(self._all) + self._opening < self.max_conns and self._opening < len(self._queue):
+            self._opening += 1
+            asyncio.get_running_loop().create_task(self._open_one())
+
+    async def _open_one(self) -> None:
+        try:
+            _, conn = await asyncio.get_running_loop().create_connection(
+                lambda: _SenderConn(self), self.host, self.port
+            )
+        except OSError as exc:
+            self._opening -= 1
+            if self._queue:
+                self._failed(self._queue.popleft(), f"connect: {exc}")
+            return
+        self._opening -= 1
+        self._all.add(conn)
+        self._ready(conn)
+
+    def _ready(self, conn: _SenderConn) -> None:
+        if conn.closed:
+            return
+        if self._queue:
+            index = self._queue.popleft()
+            conn.index = index
+            self._sent_at[index] = time.perf_counter()
+            assert conn.transport is not None
+            conn.transport.write(self._requests[index])
+        else:
+            self._idle.append(conn)
+
+    def _answered(self, conn: _SenderConn, index: int, status: int, body: bytes) -> None:
+        outcome = self._outcome
+        self._sent_at.pop(index, None)
+        if status == 200:
+            outcome.latencies.append(time.perf_counter() - self._scheduled[index])
+            outcome.statuses[index] = 200
+        else:
+            outcome.statuses[index] = status
+            outcome.errors += 1
+            outcome.first_error = outcome.first_error or f"HTTP {status}: {body[:200]!r}"
+        self._ready(conn)
+        self._one_done()
+
+    def _failed(self, index: int, reason: str) -> None:
+        self._sent_at.pop(index, None)
+        self._outcome.errors += 1
+        self._outcome.first_error = self._outcome.first_error or reason
+        self._one_done()
+
+    def _lost(self, conn: _SenderConn) -> None:
+        self._all.discard(conn)
+        if self._queue and len(self._all) + self._opening < self.max_conns:
+            self._opening += 1
+            asyncio.get_running_loop().create_task(self._open_one())
+
+    def _one_done(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0 and self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            limit = time.perf_counter() - self.timeout
+            late = [
+                conn
+                for conn in self._all
+                if conn.index >= 0 and self._sent_at.get(conn.index, limit + 1) < limit
+            ]
+            for conn in late:
+                conn._abort(f"no answer within {self.timeout:g} s")
 
 
 def http_post_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
