@@ -7,6 +7,7 @@ relies on that.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -16,12 +17,24 @@ _RANDOM_BITS = 80
 _RANDOM_MAX = (1 << _RANDOM_BITS) - 1
 
 
+# base64's base32 walks the bits five at a time from the top, as a ULID does; only the
+# alphabet differs, and translating it is far cheaper than a loop in Python.
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+
+
 def _encode(value: int, length: int) -> str:
     chars = []
     for _ in range(length):
         chars.append(_ALPHABET[value & 31])
         value >>= 5
     return "".join(reversed(chars))
+
+
+def _encode_ulid(value: int) -> str:
+    """`_encode(value, 26)` for a value below 2**130 (a ULID's 128 bits), faster."""
+    # 130 bits at the top of 17 bytes: the first 26 base32 characters are exactly them.
+    raw = base64.b32encode((value << 6).to_bytes(17, "big"))
+    return raw[:26].translate(_FROM_RFC4648).decode("ascii")
 
 
 def _decode(value: str) -> int:
@@ -62,7 +75,7 @@ class IdGenerator:
                 rnd = int.from_bytes(os.urandom(10), "big") >> 1
             self._last_ms = ms
             self._last_random = rnd
-            return _encode((ms << _RANDOM_BITS) | rnd, 26)
+            return _encode_ulid((ms << _RANDOM_BITS) | rnd)
 
 
 _default = IdGenerator()

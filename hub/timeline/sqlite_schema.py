@@ -156,7 +156,21 @@ _V1: tuple[str, ...] = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Indexes an inbound message on an open conversation no longer rewrites: its activity
+# time moves on every message, and each index holding that time costs a page write per
+# message. A customer's few conversations sort without one; the "mine" listing only
+# needs assigned conversations indexed.
+_V2: tuple[str, ...] = (
+    "DROP INDEX conversations_customer",
+    "CREATE INDEX conversations_customer ON conversations(customer_id)",
+    "DROP INDEX conversations_assignee",
+    """
+    CREATE INDEX conversations_assignee ON conversations(assignee, last_activity_at)
+        WHERE assignee IS NOT NULL
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
