@@ -281,13 +281,13 @@ async def test_a_failing_write_rolls_back_alone_within_its_batch(
 ) -> None:
     release, parked = await _hold_writer(store, tmp_path)
     batch_sizes: list[int] = []
-    commit = _Writer._commit
+    encode = _Writer._encode
 
-    def counting_commit(self: _Writer, batch: list[Any]) -> None:
+    def counting_encode(batch: list[Any]) -> bytes:
         batch_sizes.append(len(batch))
-        commit(self, batch)
+        return encode(batch)
 
-    monkeypatch.setattr(_Writer, "_commit", counting_commit)
+    monkeypatch.setattr(_Writer, "_encode", staticmethod(counting_encode))
 
     before = asyncio.create_task(store.set_state("before", "1"))
     customer = asyncio.create_task(store.create_customer("Ok", ()))

@@ -2,12 +2,13 @@
 
 Processes and threads, and why:
 - One writer process owns the only write connection (hub/timeline/sqlite_writer.py says
-  why a process). Writes are (function, arguments) pairs put on a queue; one submitting
-  thread takes everything pending at once and sends it as one batch, which the writer
-  commits as one transaction (group commit), each write inside its own SAVEPOINT so one
-  failing write rolls back alone. One fsync then acknowledges many writes, which is what
-  lets concurrent webhooks outrun a one-commit-per-write loop. Futures are resolved only
-  after COMMIT returned: an acknowledged write is durable.
+  why a process). Writes are (function, arguments) pairs; while one batch is at the
+  writer, the event loop collects every write submitted meanwhile and sends them all as
+  the next batch, which the writer commits as one transaction (group commit), each write
+  inside its own SAVEPOINT so one failing write rolls back alone. One fsync then
+  acknowledges many writes, which is what lets concurrent webhooks outrun a
+  one-commit-per-write loop. Futures are resolved only after COMMIT returned: an
+  acknowledged write is durable.
 - Ids are minted inside the writer, in the order writes are applied, so the order of
   event ids is the commit order and "events after id X" never misses one.
 - Reads run on a few reader threads, each with its own connection; WAL lets them read
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
+import pickle
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
 
 from hub.ids import IdGenerator, is_id
 from hub.lease import Lease, LocalLease
@@ -68,16 +71,27 @@ from hub.timeline.sqlite_schema import (
     opt_us,
     to_us,
 )
-from hub.timeline.sqlite_writer import WriteFn, WriterProcess, translate
+from hub.timeline.sqlite_writer import (
+    CLOSED,
+    RESTART_BACKOFF,
+    STOP_FRAME,
+    STOP_TIMEOUT,
+    WriteFn,
+    WriterProcess,
+    encode_batch,
+    translate,
+)
 from hub.timeline.store import (
     IdentityConflict,
     InvalidOperation,
     NotFound,
     OutboxItem,
+    StoreError,
     StoreUnavailable,
 )
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 Connection = sqlite3.Connection
 
 # Bounds one transaction (and so the latency of its first op) under a flood of writes.
@@ -123,7 +137,15 @@ class _Op:
 
 
 def _settle(ops: list[_Op]) -> None:
+    """Resolve each op's future, on the event loop that future belongs to."""
+    current = asyncio.get_running_loop()
     for op in ops:
+        if op.loop is not current:
+            try:
+                op.loop.call_soon_threadsafe(_settle, [op])
+            except RuntimeError:
+                pass  # that event loop is closed: nobody is waiting any more
+            continue
         if op.future.done():  # the caller gave up waiting (cancelled)
             continue
         if op.error is not None:
@@ -132,96 +154,195 @@ def _settle(ops: list[_Op]) -> None:
             op.future.set_result(op.result)
 
 
-class _Writer:
-    """The one thread that hands batches to the writer process and settles their futures.
+class _WriterLink(asyncio.Protocol):
+    """The event loop's end of the pipe to the writer process: splits it into frames."""
 
-    It only waits on the pipe (the GIL is free meanwhile): one send and one receive per
-    batch, however many writes the batch holds.
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 4:
+            size = int.from_bytes(buffer[:4], "big", signed=True)
+            if len(buffer) < 4 + size:
+                return
+            payload = bytes(buffer[4 : 4 + size])
+            del buffer[: 4 + size]
+            self._writer._answered(payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writer._lost(self)
+
+
+class _Writer:
+    """Hands batches to the writer process from the event loop and settles their futures.
+
+    Group commit: while one batch is at the writer, every write submitted meanwhile
+    waits in `_pending`; the answer sends all of them as the next batch. No thread: the
+    pipe is one more socket of the loop, so no write waits for a GIL hand-over.
     """
 
-    def __init__(self, process: WriterProcess) -> None:
-        self._process = process
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="hub-sqlite-writer", daemon=True)
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self._path = path
+        self._loop = loop
+        self._process: WriterProcess | None = None
+        self._transport: asyncio.Transport | None = None
+        self._link: _WriterLink | None = None
+        self._pending: list[_Op] = []
+        self._in_flight: list[_Op] | None = None
+        self._flush_scheduled = False
+        self._failed_at = -RESTART_BACKOFF
+        self._restarting: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._closed_by_writer = asyncio.Event()
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self._process.alive()
+    async def start(self) -> None:
+        process = WriterProcess(self._path)
+        await asyncio.to_thread(process.start)
+        assert process.socket is not None
+        try:
+            transport, link = await self._loop.connect_accepted_socket(
+                lambda: _WriterLink(self), process.socket
+            )
+        except BaseException:
+            process.kill()
+            process.socket.close()
+            raise
+        assert isinstance(transport, asyncio.Transport)
+        self._process, self._transport, self._link = process, transport, link
+        self._closed_by_writer.clear()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return None if self._process is None else self._process.pid
+
+    def alive(self) -> bool:
+        return self._transport is not None and self._process is not None and self._process.alive()
 
     def submit(self, op: _Op) -> None:
-        self._queue.put(op)
+        if op.loop is not self._loop:
+            # A caller on another event loop (a thread of its own): hop over.
+            self._loop.call_soon_threadsafe(self._enqueue, op)
+        else:
+            self._enqueue(op)
 
-    def stop(self) -> None:
-        """Finish everything queued so far, then stop the writer process (blocks)."""
-        self._queue.put(None)
-        self._thread.join()
+    def _enqueue(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._idle.clear()
+        if self._in_flight is None and not self._flush_scheduled:
+            # Not at once: writes submitted in the same turn of the loop join this batch.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    def _run(self) -> None:
-        stopping = False
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._in_flight is not None or not self._pending:
+            self._check_idle()
+            return
+        if self._transport is None:
+            self._revive()
+            return
+        batch = self._pending[:MAX_BATCH]
+        del self._pending[:MAX_BATCH]
         try:
-            while not stopping:
-                batch: list[_Op] = []
-                item = self._queue.get()
-                while True:
-                    if item is None:
-                        stopping = True
-                        break
-                    batch.append(item)
-                    if len(batch) >= MAX_BATCH:
-                        break
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if batch:
-                    self._commit(batch)
-        finally:
-            self._process.stop()
-            self._fail_leftovers()
-
-    def _fail_leftovers(self) -> None:
-        # Only reachable if something was queued after stop(); never leave a caller hanging.
-        leftovers: list[_Op] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item.error = StoreUnavailable("the store is closed")
-                leftovers.append(item)
-        self._resolve(leftovers)
-
-    def _commit(self, batch: list[_Op]) -> None:
-        try:
-            outcomes = self._process.apply([(op.fn, op.args) for op in batch])
-        except StoreUnavailable as exc:
-            for op in batch:
-                op.error = exc
+            payload = self._encode(batch)
         except Exception as exc:  # a write whose arguments do not pickle: a bug, told
-            for op in batch:
-                op.error = exc
+            _settle_all(batch, exc)
+            self._flush()
+            return
+        self._in_flight = batch
+        self._transport.write(payload)
+
+    @staticmethod
+    def _encode(batch: list[_Op]) -> bytes:
+        return encode_batch([(op.fn, op.args) for op in batch])
+
+    def _answered(self, payload: bytes) -> None:
+        batch, self._in_flight = self._in_flight, None
+        if batch is None:
+            if payload == CLOSED:
+                self._closed_by_writer.set()
+            return
+        try:
+            outcomes: list[tuple[Any, Exception | None]] = pickle.loads(payload)
+        except Exception as exc:
+            _settle_all(batch, StoreError(f"a write's answer could not be read: {exc}"))
         else:
             for op, (result, error) in zip(batch, outcomes, strict=True):
                 op.result, op.error = result, error
-        self._resolve(batch)
+            _settle(batch)
+        self._flush()
 
-    @staticmethod
-    def _resolve(ops: list[_Op]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
-        for op in ops:
-            by_loop.setdefault(op.loop, []).append(op)
-        for loop, group in by_loop.items():
+    def _lost(self, link: _WriterLink) -> None:
+        if link is not self._link:
+            return
+        self._transport = self._link = None
+        self._closed_by_writer.set()
+        if self._process is not None:
+            self._process.kill()  # half-dead is worse than dead: make sure
+        self._failed_at = self._loop.time()
+        batch, self._in_flight = self._in_flight, None
+        if batch:
+            # Whether it committed is unknown: the callers hear "not stored", providers
+            # retry, and redelivery finds what did commit.
+            _settle_all(batch, StoreUnavailable("the SQLite writer process died"))
+        if self._pending:
+            self._flush()
+        self._check_idle()
+
+    def _revive(self) -> None:
+        """Writes are waiting and no writer runs: start one, or refuse them for now."""
+        if self._stopping or self._loop.time() < self._failed_at + RESTART_BACKOFF:
+            pending, self._pending = self._pending, []
+            reason = "the store is closed" if self._stopping else "the SQLite writer is restarting"
+            _settle_all(pending, StoreUnavailable(reason))
+            self._check_idle()
+            return
+        if self._restarting is None:
+            self._restarting = self._loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            await self.start()
+        except StoreUnavailable as exc:
+            self._failed_at = self._loop.time()
+            log.warning("sqlite.writer_restart_failed", error=str(exc))
+        else:
+            log.warning("sqlite.writer_restarted", pid=self.pid)
+        finally:
+            self._restarting = None
+        self._flush()
+
+    def _check_idle(self) -> None:
+        if not self._pending and self._in_flight is None:
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Finish everything submitted so far, then let the writer close the file."""
+        self._stopping = True
+        self._check_idle()
+        await self._idle.wait()
+        if self._restarting is not None:
+            await asyncio.gather(self._restarting, return_exceptions=True)
+        transport = self._transport
+        if transport is not None:
+            transport.write(STOP_FRAME)
             try:
-                loop.call_soon_threadsafe(_settle, group)
-            except RuntimeError:
-                pass  # that event loop is closed: nobody is waiting any more
+                await asyncio.wait_for(self._closed_by_writer.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("sqlite.writer_stop_timeout", pid=self.pid)
+            transport.close()
+        if self._process is not None and self._process.alive():
+            self._process.kill()
+
+
+def _settle_all(ops: list[_Op], error: Exception) -> None:
+    for op in ops:
+        op.result, op.error = None, error
+    _settle(ops)
 
 
 def prepare_file(path: Path) -> None:
@@ -1244,10 +1365,9 @@ class SqliteStore:
         if self._closed:
             raise StoreUnavailable("the store was closed; make a new one")
         await asyncio.to_thread(prepare_file, self.path)
-        process = WriterProcess(self.path)
-        await asyncio.to_thread(process.start)
-        self._writer = _Writer(process)
-        self._writer.start()
+        writer = _Writer(self.path, asyncio.get_running_loop())
+        await writer.start()
+        self._writer = writer
         self._readers = ThreadPoolExecutor(
             max_workers=READER_THREADS, thread_name_prefix="hub-sqlite-reader"
         )
@@ -1258,7 +1378,7 @@ class SqliteStore:
         self._closed = True
         writer, readers = self._writer, self._readers
         if writer is not None:
-            await asyncio.to_thread(writer.stop)
+            await writer.stop()
         if readers is not None:
             await asyncio.to_thread(readers.shutdown, True)
         with self._reader_lock:

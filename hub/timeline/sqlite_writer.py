@@ -7,12 +7,14 @@ under load both threads spent more time handing the GIL over than working. In it
 process the writer has an interpreter to itself; the parent pays one send and one
 receive per batch, not per statement.
 
-Protocol over one duplex pipe, each message a pickle:
+Protocol over one duplex socket, each message a length-prefixed pickle (the framing of
+multiprocessing.connection):
   child -> parent, once:  ("ready", None) or ("failed", exception)
   parent -> child:        [(fn, args), ...]   one batch: fn(writes, conn, *args) each
   child -> parent:        [(result, error), ...]   after COMMIT returned
+  parent -> child:        empty message: stop; the child closes the file, says "closed"
 The child applies a batch as one transaction, each op inside its own SAVEPOINT, so one
-failing op rolls back alone. The parent closing its end is the order to stop.
+failing op rolls back alone. A child whose parent vanished (the socket closed) exits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection as Pipe
@@ -41,9 +42,10 @@ WriteFn = Callable[..., Any]
 Outcome = tuple[Any, Exception | None]
 
 _START_TIMEOUT = 60.0
-_STOP_TIMEOUT = 30.0
-_RESTART_BACKOFF = 0.5
+STOP_TIMEOUT = 30.0
+RESTART_BACKOFF = 0.5
 _PID = struct.Struct("!q")
+_LENGTH = struct.Struct("!i")  # multiprocessing.connection's frame header
 
 
 class _ForkServer:
@@ -137,16 +139,16 @@ def translate(exc: Exception) -> Exception:
 
 
 class WriterProcess:
-    """Parent side: starts the writer, sends it batches, restarts it if it died.
+    """One writer child: spawned through the fork server, ready once it opened the file.
 
-    Blocking calls, made from the store's one submitting thread (never the event loop).
+    `start` blocks (run it off the event loop); afterwards the store's event loop owns
+    the socket and speaks the protocol above over it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pipe: Pipe | None = None
-        self._pid: int | None = None
-        self._failed_at = 0.0
+        self.socket: socket.socket | None = None
+        self.pid: int | None = None
 
     def start(self) -> None:
         """Start the child and wait until it has opened the file."""
@@ -165,72 +167,36 @@ class WriterProcess:
         if status != "ready":
             pipe.close()
             raise error
-        self._pipe, self._pid = pipe, pid
-
-    @property
-    def pid(self) -> int | None:
-        """The writer's process id while one runs."""
-        return self._pid
+        sock = socket.socket(fileno=os.dup(pipe.fileno()))
+        pipe.close()
+        sock.setblocking(False)
+        self.socket, self.pid = sock, pid
 
     def alive(self) -> bool:
-        if self._pid is None:
+        if self.pid is None:
             return False
         try:
-            os.kill(self._pid, 0)
+            os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
         return True
 
-    def apply(self, ops: Sequence[tuple[WriteFn, tuple[Any, ...]]]) -> list[Outcome]:
-        """Apply one batch in one transaction; each op's (result, error) once committed."""
-        if self._pipe is None:
-            self._restart()
-        assert self._pipe is not None
-        frame = pickle.dumps(list(ops), pickle.HIGHEST_PROTOCOL)
-        try:
-            self._pipe.send_bytes(frame)
-            reply = self._pipe.recv_bytes()
-        except (EOFError, OSError) as exc:
-            # Whether the batch committed is unknown: the callers hear "not stored", the
-            # providers retry, and redelivery finds what did commit.
-            self._discard()
-            raise StoreUnavailable("the SQLite writer process died") from exc
-        outcomes: list[Outcome] = pickle.loads(reply)
-        return outcomes
+    def kill(self) -> None:
+        if self.pid is not None:
+            _kill(self.pid)
 
-    def _restart(self) -> None:
-        if time.monotonic() < self._failed_at + _RESTART_BACKOFF:
-            raise StoreUnavailable("the SQLite writer is restarting")
-        try:
-            self.start()
-        except StoreUnavailable:
-            self._failed_at = time.monotonic()
-            raise
 
-    def _discard(self) -> None:
-        pipe, pid = self._pipe, self._pid
-        self._pipe = self._pid = None
-        self._failed_at = time.monotonic()
-        if pipe is not None:
-            pipe.close()
-        if pid is not None:
-            _kill(pid)
+def frame(payload: bytes) -> bytes:
+    """One message as the child's `Connection.recv_bytes` reads it."""
+    return _LENGTH.pack(len(payload)) + payload
 
-    def stop(self) -> None:
-        """Ask the child to close the database, and wait until it has."""
-        pipe = self._pipe
-        self._pipe = self._pid = None
-        if pipe is None:
-            return
-        try:
-            # An empty frame: "no more batches"; the child answers once the file is closed.
-            pipe.send_bytes(b"")
-            if pipe.poll(_STOP_TIMEOUT):
-                pipe.recv_bytes()
-        except (EOFError, OSError):
-            pass  # already gone
-        finally:
-            pipe.close()
+
+def encode_batch(ops: Sequence[tuple[WriteFn, tuple[Any, ...]]]) -> bytes:
+    return frame(pickle.dumps(list(ops), pickle.HIGHEST_PROTOCOL))
+
+
+STOP_FRAME = frame(b"")  # "no more batches": the child closes the file and says "closed"
+CLOSED = b"closed"
 
 
 def _kill(pid: int) -> None:
