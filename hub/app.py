@@ -40,6 +40,15 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Every error a JSON body with a message; a declared body over the limit refused
+    before anyone waits for it (one middleware, not two: each costs every request)."""
+    # aiohttp applies client_max_size only while reading: a request that promises a
+    # gigabyte and sends a few bytes would hold its handler waiting for the rest.
+    length = request.content_length
+    if length is not None:
+        limit = request.app[CONFIG].hub.max_body_bytes
+        if length > limit:
+            return json_error(413, f"request body too large: at most {limit} bytes")
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -56,22 +65,6 @@ async def error_middleware(
     except Exception:
         log.exception("http.unhandled", path=request.path, method=request.method)
         return json_error(500, "internal error")
-
-
-@web.middleware
-async def body_limit_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """413 for a declared body over the limit, before anyone waits for it.
-
-    aiohttp applies client_max_size only while reading: a request that promises a
-    gigabyte and sends a few bytes would hold its handler waiting for the rest.
-    """
-    limit = request.app[CONFIG].hub.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        return json_error(413, f"request body too large: at most {limit} bytes")
-    return await handler(request)
 
 
 def build_store(config: Config) -> TimelineStore:
@@ -167,7 +160,7 @@ def create_app(
     """The whole hub as one aiohttp app. `store` lets tests inject an opened backend."""
     app = web.Application(
         client_max_size=config.hub.max_body_bytes,
-        middlewares=[error_middleware, body_limit_middleware],
+        middlewares=[error_middleware],
     )
     app[CONFIG] = config
     if store is not None:

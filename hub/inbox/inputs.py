@@ -27,6 +27,7 @@ _ERROR_CLASSES: dict[int, type[web.HTTPException]] = {
     409: web.HTTPConflict,
     422: web.HTTPUnprocessableEntity,
     429: web.HTTPTooManyRequests,
+    503: web.HTTPServiceUnavailable,
 }
 
 

@@ -35,9 +35,11 @@ import os
 import re
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from importlib import metadata
+from itertools import accumulate
 from typing import Any
 
 import structlog
@@ -90,10 +92,11 @@ class Metric:
         self.name = name
         self.help = help_text
         self.label_names = labels
+        self._label_set = frozenset(labels)
         self._values: dict[LabelKey, float] = {}
 
     def _key(self, labels: Mapping[str, Any]) -> LabelKey:
-        if set(labels) != set(self.label_names):
+        if labels.keys() != self._label_set:
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
         return tuple(str(labels[n]) for n in self.label_names)
 
@@ -153,10 +156,15 @@ class Histogram(Metric):
 
     def observe(self, value: float, **labels: Any) -> None:
         key = self._key(labels)
-        counts, totals = self._series.setdefault(key, ([0] * len(self.buckets), [0.0, 0.0]))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[i] += 1
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = ([0] * len(self.buckets), [0.0, 0.0])
+        counts, totals = series
+        # One counter per observation (the first bucket it fits); the cumulative counts
+        # Prometheus wants are summed when scraped, not on every request.
+        index = bisect_left(self.buckets, value)
+        if index < len(counts):
+            counts[index] += 1
         totals[0] += value
         totals[1] += 1
 
@@ -167,7 +175,7 @@ class Histogram(Metric):
     def lines(self) -> list[str]:
         out = []
         for key, (counts, (total, count)) in sorted(self._series.items()):
-            for bound, n in zip(self.buckets, counts, strict=True):
+            for bound, n in zip(self.buckets, accumulate(counts), strict=True):
                 le = f'le="{format_value(bound)}"'
                 out.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {n}")
             inf = 'le="+Inf"'

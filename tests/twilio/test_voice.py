@@ -393,3 +393,10 @@ async def test_agent_calls_the_customer_back_from_the_inbox(make_hub: MakeHub) -
     )
     assert refused.status == 422
     assert "21215" in (await refused.json())["error"]
+    # Twilio having a bad moment (5xx) is a 503 with its reason: try again later.
+    hub.fake.fail_next(503, 20500, "Internal Server Error")
+    down = await hub.client.post(
+        f"/api/v1/conversations/{message.conversation_id}/call-back", json={}, headers=headers
+    )
+    assert down.status == 503, await down.text()
+    assert "cannot be reached now" in (await down.json())["error"]
