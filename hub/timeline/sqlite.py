@@ -268,6 +268,8 @@ class _Writer:
             return
         try:
             outcomes: list[tuple[Any, Exception | None]] = pickle.loads(payload)
+            if len(outcomes) != len(batch):
+                raise ValueError(f"{len(outcomes)} answers for {len(batch)} writes")
         except Exception as exc:
             _settle_all(batch, StoreError(f"a write's answer could not be read: {exc}"))
         else:
@@ -283,18 +285,19 @@ class _Writer:
         self._closed_by_writer.set()
         if self._process is not None:
             self._process.kill()  # half-dead is worse than dead: make sure
-        self._failed_at = self._loop.time()
         batch, self._in_flight = self._in_flight, None
         if batch:
             # Whether it committed is unknown: the callers hear "not stored", providers
             # retry, and redelivery finds what did commit.
             _settle_all(batch, StoreUnavailable("the SQLite writer process died"))
+            log.warning("sqlite.writer_died", pid=self.pid, writes_refused=len(batch))
         if self._pending:
-            self._flush()
+            self._flush()  # the writes that were waiting go to a new writer
         self._check_idle()
 
     def _revive(self) -> None:
-        """Writes are waiting and no writer runs: start one, or refuse them for now."""
+        """Writes are waiting and no writer runs: start one, or refuse them while the
+        last start failed only moments ago (no loop of failing starts)."""
         if self._stopping or self._loop.time() < self._failed_at + RESTART_BACKOFF:
             pending, self._pending = self._pending, []
             reason = "the store is closed" if self._stopping else "the SQLite writer is restarting"
