@@ -183,7 +183,8 @@ def decode_text(payload: bytes, charset: str | None) -> str:
             return payload.decode("cp1252", errors="replace")
     try:
         return payload.decode(label, errors="replace")
-    except LookupError:
+    except (LookupError, ValueError):
+        # Unknown codec, or a label no codec name can be ("utf-8\x00": ValueError).
         try:
             return payload.decode("utf-8")
         except UnicodeDecodeError:

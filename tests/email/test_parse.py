@@ -214,6 +214,9 @@ def test_decode_text_fallbacks() -> None:
     assert decode_text(b"\x93hi\x94", "iso-8859-1") == "“hi”"  # read as Windows-1252
     assert decode_text(b"caf\xe9", "us-ascii") == "café"
     assert decode_text(b"\xff", "utf-8") == "\ufffd"
+    # A label no codec can have (found by fuzzing): the fallbacks, not a crash.
+    assert decode_text("naïve".encode(), "utf-8\x00") == "naïve"
+    assert decode_text(b"caf\xe9", "x\x00y") == "café"
 
 
 def test_message_ids() -> None:
