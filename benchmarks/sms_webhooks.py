@@ -16,7 +16,8 @@ one stall of another tenant's process can push a single step's p99 over the line
   MessageSid, and one of ~500 From numbers.
 - baseline: a bare aiohttp app in a subprocess whose handler parses the same form
   (`await request.post()`) and answers the same empty TwiML. Both run on the standard
-  asyncio event loop.
+  asyncio event loop, with the garbage-collector settings `hub serve` uses
+  (hub/process.py).
 - generator: this process, one lean open-loop sender (keep-alive connections, requests
   built and signed before the step starts, no task per request): it shares the two cores
   with the server it measures, so its own CPU per request is printed beside the
@@ -89,9 +90,16 @@ def serve_baseline(port: int) -> None:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def settle(app: web.Application) -> None:
+        # The collector settings `hub serve` runs with, so they are not what differs.
+        from hub.process import quiet_collector
+
+        quiet_collector()
+
     app = web.Application()
     app.router.add_post("/twilio/sms/sms", sms)
     app.router.add_get("/healthz", healthz)
+    app.on_startup.append(settle)
     web.run_app(app, host=HOST, port=port, access_log=None, print=None)
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from hub.config import Config, ConfigError, demo_config, load_config
 from hub.passwords import hash_password, verify_password
+from hub.process import quiet_collector
 
 EXIT_INVALID_CONFIG = 2
 EXIT_CANNOT_START = 1
@@ -56,6 +57,7 @@ async def _serve(app: web.Application, host: str, port: int, banner: list[str]) 
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
+        quiet_collector()
         for line in banner:
             print(line, flush=True)
         stop = asyncio.Event()

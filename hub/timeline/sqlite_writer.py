@@ -217,6 +217,9 @@ def fork_server(control: socket.socket) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, _reap)
     import hub.timeline.sqlite  # noqa: F401 - imported once here, inherited by each fork
+    from hub.process import quiet_collector
+
+    quiet_collector()  # frozen here, the modules stay shared with every fork as well
 
     while True:
         try:
