@@ -60,10 +60,11 @@ def normalize(
     verified: bool = True,
 ) -> Identity:
     """The canonical identity for `raw`; raises InvalidIdentity with a readable reason."""
-    try:
-        kind = IdentityKind(kind)
-    except ValueError:
-        raise InvalidIdentity(f"unknown identity kind: {kind!r}") from None
+    if kind.__class__ is not IdentityKind:
+        try:
+            kind = IdentityKind(kind)
+        except ValueError:
+            raise InvalidIdentity(f"unknown identity kind: {kind!r}") from None
     if kind is IdentityKind.EMAIL:
         value = normalize_email(raw)
     elif kind is IdentityKind.PHONE:

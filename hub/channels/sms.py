@@ -122,6 +122,8 @@ def parse_media(
     form: Mapping[str, str], message_sid: str
 ) -> tuple[tuple[Attachment, ...], list[dict[str, str]]]:
     """MMS media as attachments (provider URLs), plus what was refused and why."""
+    if form.get("NumMedia", "0") == "0":
+        return (), []  # a plain SMS: most of them
     try:
         count = min(max(int(form.get("NumMedia") or 0), 0), MAX_MEDIA)
     except ValueError:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import structlog
@@ -726,10 +727,23 @@ async def openapi_json(request: web.Request) -> web.Response:
 # --- wiring ---------------------------------------------------------------------------
 
 
+@web.middleware
+async def api_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Sign-in and roles, then store refusals as 404/409, for /api/ only.
+
+    One layer in front of every route instead of two: everything else (webhooks, pages)
+    passes through it with one prefix test.
+    """
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    return await auth_middleware(request, partial(store_errors_middleware, handler=handler))
+
+
 def install(app: web.Application) -> Any:
     """Routes and middlewares now; services that need the store at start-up."""
-    app.middlewares.append(auth_middleware)
-    app.middlewares.append(store_errors_middleware)
+    app.middlewares.append(api_middleware)
     app.router.add_routes(routes)
     app.router.add_get("/api/openapi.json", openapi_json)
     app.on_shutdown.append(_close_sockets)
