@@ -458,3 +458,26 @@ async def test_close_waits_for_the_writer_to_finish_and_exit(tmp_path: Path) -> 
             assert await reopened.get_event(recorded.event.id) == recorded.event
     finally:
         await reopened.close()
+
+
+async def test_the_wal_is_copied_back_while_the_writer_keeps_writing(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    store = SqliteStore(path)
+    await store.start()
+    try:
+        empty = path.stat().st_size
+        for start in range(0, 3000, 300):
+            await asyncio.gather(
+                *(store.record_inbound(sms(n % 200, f"SM-w{n}")) for n in range(start, start + 300))
+            )
+        # Far below the writer's own backstop (20,000 pages): only the background
+        # checkpointer moves these pages into the database file, with the store open.
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= empty + 1_000_000:
+            assert time.monotonic() < deadline, "nothing was checkpointed into the file"
+            await asyncio.sleep(0.05)
+        customer = await store.find_customer(sms(3, "x").identity)
+        assert customer is not None
+        assert (await store.customer_timeline(customer.id)).total == 15
+    finally:
+        await store.close()

@@ -206,9 +206,12 @@ async def test_file_size_limit_gives_503_then_recovers_after_restart(tmp_path: P
         during = await ledger.post(ledger.new(300))
         assert_full_disk_answers(hub, during)
         assert_acked_stored(db, ledger)
-        # It stays full (the limit stays) and stays sane: more webhooks, same answers.
+        # The limit stays and the hub stays sane: more webhooks, still only 200 (stored:
+        # a background checkpoint may have freed WAL space for a few) or 503.
         again = await ledger.post(ledger.refused[:50])
-        assert set(again.values()) == {503}
+        assert set(again.values()) <= {200, 503}
+        assert_acked_stored(db, ledger)
+        assert hub.running, hub.tail()
         assert hub.terminate() == 0
         assert integrity_check(db) == ["ok"]
 
