@@ -1,7 +1,7 @@
 """What only the SQLite backend promises: file format, durability settings, group commit.
 
 Behaviour every backend shares lives in tests/contract/test_store.py; these tests may
-look inside the SQLite file and the writer thread.
+look inside the SQLite file and the writer process.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ async def test_closed_store_is_unavailable(tmp_path: Path) -> None:
         await store.get_state("x")
 
 
-# --- the writer thread: group commit and isolation of failures -------------------------
+# --- the writer: group commit and isolation of failures --------------------------------
 
 
 def _park(writes: object, conn: sqlite3.Connection, entered: str, release: str) -> None:

@@ -123,7 +123,7 @@ def _as_read_back(data: Mapping[str, Any] | None, data_json: str | None) -> dict
     return json.loads(data_json)  # type: ignore[no-any-return]
 
 
-# --- the submitting thread ---------------------------------------------------------------
+# --- the event loop's side of the writer process -----------------------------------------
 
 
 @dataclass(slots=True)
@@ -387,7 +387,7 @@ def open_writes(path: Path) -> tuple[Connection, _Writes]:
     return conn, _Writes(ids)
 
 
-# --- write operations (run on the writer thread, inside the batch transaction) ----------
+# --- write operations (run in the writer process, inside the batch transaction) ---------
 
 
 @dataclass(slots=True)
